@@ -1,0 +1,478 @@
+"""A course folder -> a validated ``Course`` (documents, FAQ records, quiz questions, flashcards).
+
+Layout (see docs/COURSE_FORMAT.md)::
+
+    course.yaml                       id, title, description
+    lessons/**/*.md | *.txt           optional YAML front matter: title, order, tags
+    faq/*.json | *.jsonl | *.csv      records: id, question, answer (or text), section
+    quizzes/*.yaml                    questions: [...]
+    flashcards/*.yaml                 cards: [...]
+
+Validation names the file, the record and the field at fault. A course with any error is refused
+whole (``CourseError`` lists every problem found), so a half-valid course never reaches the index.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_FILE_BYTES = 5 * 1024 * 1024  # a lesson or data file larger than this is almost certainly a mistake
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*\r?\n", re.DOTALL)
+LESSON_SUFFIXES = (".md", ".txt")
+FAQ_SUFFIXES = (".json", ".jsonl", ".csv")
+BUTTON_LABEL_MAX = 80  # Discord's limit on a button label
+
+
+class CourseError(ValueError):
+    """A course folder failed validation. ``problems`` holds one line per problem."""
+
+    def __init__(self, course_dir: Path | str, problems: list[str]):
+        self.course_dir = Path(course_dir)
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"course {self.course_dir} is invalid ({len(problems)} problem(s)):\n{lines}\n"
+            "Fix the files named above; see docs/COURSE_FORMAT.md for the format."
+        )
+
+
+# --- schemas -----------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+
+
+class CourseMeta(_Strict):
+    id: str
+    title: str = Field(min_length=1)
+    description: str = ""
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not ID_RE.match(v):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+
+class FrontMatter(_Strict):
+    title: str | None = None
+    order: int | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class QuizQuestion(_Strict):
+    id: str
+    question: str = Field(min_length=1, max_length=1000)
+    choices: list[str] = Field(min_length=2, max_length=6)
+    answer: str
+    explanation: str = Field(min_length=1)
+    common_mistakes: list[str] = Field(default_factory=list)
+    difficulty: Literal["easy", "medium", "hard"] = "medium"
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not ID_RE.match(v):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _choices(cls, v: list[str]) -> list[str]:
+        v = [c.strip() for c in v]
+        if any(not c for c in v):
+            raise ValueError("a choice is empty")
+        lowered = [c.casefold() for c in v]
+        dupes = sorted({c for c in v if lowered.count(c.casefold()) > 1})
+        if dupes:
+            raise ValueError(f"duplicated choice(s): {dupes}")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        return [t.strip().lower() for t in v if t.strip()]
+
+    @model_validator(mode="after")
+    def _answer_in_choices(self) -> QuizQuestion:
+        if self.answer not in self.choices:
+            raise ValueError(f"answer {self.answer!r} is not one of the choices")
+        return self
+
+    @property
+    def answer_index(self) -> int:
+        return self.choices.index(self.answer)
+
+
+class Flashcard(_Strict):
+    id: str
+    front: str = Field(min_length=1, max_length=1000)
+    back: str = Field(min_length=1, max_length=2000)
+    tags: list[str] = Field(default_factory=list)
+
+
+class FaqRecord(_Strict):
+    id: str
+    question: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+    section: str = ""
+    course: str = ""
+
+
+class _QuizFile(_Strict):
+    questions: list[dict] = Field(min_length=1)
+
+
+class _FlashcardFile(_Strict):
+    cards: list[dict] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One lesson file. ``source`` is the path relative to the course folder (POSIX)."""
+
+    source: str
+    title: str
+    text: str
+    order: int = 0
+    tags: tuple[str, ...] = ()
+    format: Literal["markdown", "text"] = "markdown"
+
+
+@dataclass(frozen=True)
+class Course:
+    root: Path
+    meta: CourseMeta
+    documents: tuple[Document, ...] = ()
+    faq: tuple[FaqRecord, ...] = ()
+    faq_sources: tuple[str, ...] = ()  # per FAQ record: the file it came from
+    quizzes: tuple[QuizQuestion, ...] = ()
+    quiz_sources: tuple[str, ...] = ()  # per question: the file it came from
+    flashcards: tuple[Flashcard, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def id(self) -> str:
+        return self.meta.id
+
+    @property
+    def title(self) -> str:
+        return self.meta.title
+
+    def quiz_tags(self) -> list[str]:
+        return sorted({t for q in self.quizzes for t in q.tags})
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _fmt_validation(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(record)"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def read_text_file(path: Path, rel: str, problems: list[str]) -> str | None:
+    """Read a UTF-8 text file; report oversized, binary or non-UTF-8 files instead of raising."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        problems.append(f"{rel}: cannot read ({exc.strerror})")
+        return None
+    if size > MAX_FILE_BYTES:
+        problems.append(f"{rel}: file is {size / 1e6:.1f} MB, over the {MAX_FILE_BYTES // 2**20} MB limit")
+        return None
+    data = path.read_bytes()
+    if b"\x00" in data[:8192]:
+        problems.append(f"{rel}: looks like a binary file, expected UTF-8 text")
+        return None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problems.append(f"{rel}: not valid UTF-8 (byte {exc.start}); save it as UTF-8")
+        return None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _load_yaml(path: Path, rel: str, problems: list[str]) -> object | None:
+    text = read_text_file(path, rel, problems)
+    if text is None:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problems.append(f"{rel}: malformed YAML{where}: {getattr(exc, 'problem', None) or exc}")
+        return None
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _title_from(text: str, path: Path) -> str:
+    for line in text.splitlines():
+        m = re.match(r"^#\s+(.+?)\s*#*\s*$", line)
+        if m:
+            return m.group(1)
+    return path.stem.replace("-", " ").replace("_", " ").strip().title()
+
+
+def _load_lesson(root: Path, path: Path, problems: list[str]) -> Document | None:
+    rel = _rel(root, path)
+    text = read_text_file(path, rel, problems)
+    if text is None:
+        return None
+    fm = FrontMatter()
+    m = FRONT_MATTER_RE.match(text)
+    if m:
+        try:
+            raw = yaml.safe_load(m.group(1)) or {}
+        except yaml.YAMLError as exc:
+            problems.append(f"{rel}: malformed front matter: {getattr(exc, 'problem', None) or exc}")
+            return None
+        if not isinstance(raw, dict):
+            problems.append(f"{rel}: front matter must be a mapping (title, order, tags)")
+            return None
+        try:
+            fm = FrontMatter.model_validate(raw)
+        except ValidationError as exc:
+            problems.append(f"{rel}: front matter: {_fmt_validation(exc)}")
+            return None
+        text = text[m.end():]
+    if not text.strip():
+        problems.append(f"{rel}: lesson is empty")
+        return None
+    fmt: Literal["markdown", "text"] = "markdown" if path.suffix.lower() == ".md" else "text"
+    return Document(
+        source=rel,
+        title=fm.title or _title_from(text, path),
+        text=text,
+        order=fm.order if fm.order is not None else 10_000,
+        tags=tuple(fm.tags),
+        format=fmt,
+    )
+
+
+def _faq_rows(path: Path, rel: str, problems: list[str]) -> list[dict] | None:
+    text = read_text_file(path, rel, problems)
+    if text is None:
+        return None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+            if isinstance(data, dict) and isinstance(data.get("records"), list):
+                data = data["records"]
+            if not isinstance(data, list):
+                problems.append(f"{rel}: expected a JSON list of records")
+                return None
+            return data
+        if suffix == ".jsonl":
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        problems.append(f"{rel}: line {n}: malformed JSON: {exc.msg}")
+                        return None
+            return rows
+        return list(csv.DictReader(io.StringIO(text)))
+    except json.JSONDecodeError as exc:
+        problems.append(f"{rel}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+    except csv.Error as exc:
+        problems.append(f"{rel}: malformed CSV: {exc}")
+    return None
+
+
+def faq_record_from(row: object, default_id: str) -> FaqRecord:
+    """Normalise a FAQ row: ``answer`` or ``text``; ``id`` (or ``document``) optional."""
+    if not isinstance(row, dict):
+        raise ValueError("record must be an object with question and answer")
+    row = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
+    answer = row.get("answer") if row.get("answer") not in (None, "") else row.get("text")
+    return FaqRecord.model_validate(
+        {
+            "id": str(row.get("id") or row.get("document") or default_id),
+            "question": str(row.get("question") or "").strip(),
+            "answer": str(answer or "").strip(),
+            "section": str(row.get("section") or "").strip(),
+            "course": str(row.get("course") or "").strip(),
+        }
+    )
+
+
+def _load_faq(root: Path, path: Path, problems: list[str]) -> list[FaqRecord]:
+    rel = _rel(root, path)
+    rows = _faq_rows(path, rel, problems)
+    if rows is None:
+        return []
+    out = []
+    for n, row in enumerate(rows, 1):
+        try:
+            out.append(faq_record_from(row, default_id=f"{path.stem}-{n}"))
+        except ValidationError as exc:
+            problems.append(f"{rel}: record {n}: {_fmt_validation(exc)}")
+        except ValueError as exc:
+            problems.append(f"{rel}: record {n}: {exc}")
+    return out
+
+
+def _load_items(root: Path, path: Path, schema, key: str, model, problems: list[str]) -> list:
+    rel = _rel(root, path)
+    data = _load_yaml(path, rel, problems)
+    if data is None:
+        if not any(p.startswith(rel) for p in problems):
+            problems.append(f"{rel}: file is empty; expected a '{key}:' list")
+        return []
+    try:
+        container = schema.model_validate(data)
+    except ValidationError as exc:
+        problems.append(f"{rel}: expected a mapping with a non-empty '{key}:' list ({_fmt_validation(exc)})")
+        return []
+    out = []
+    for n, item in enumerate(getattr(container, key), 1):
+        label = f"entry {n}"
+        if isinstance(item, dict) and item.get("id"):
+            label += f" (id {item['id']})"
+        try:
+            out.append(model.model_validate(item))
+        except ValidationError as exc:
+            problems.append(f"{rel}: {label}: {_fmt_validation(exc)}")
+    return out
+
+
+def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+    )
+
+
+def load_quiz_file(root: Path, path: Path, problems: list[str]) -> list[QuizQuestion]:
+    return _load_items(root, path, _QuizFile, "questions", QuizQuestion, problems)
+
+
+def load_course(course_dir: Path | str) -> Course:
+    """Load and validate a whole course folder. Raises ``CourseError`` listing every problem."""
+    root = Path(course_dir).expanduser()
+    if not root.is_dir():
+        raise CourseError(root, [f"{root}: no such course folder (expected a folder with course.yaml)"])
+    root = root.resolve()
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    meta = None
+    meta_path = root / "course.yaml"
+    if not meta_path.is_file():
+        problems.append("course.yaml: missing (needs id, title, description)")
+    else:
+        raw = _load_yaml(meta_path, "course.yaml", problems)
+        if raw is not None:
+            if not isinstance(raw, dict):
+                problems.append("course.yaml: expected a mapping with id, title, description")
+            else:
+                try:
+                    meta = CourseMeta.model_validate(raw)
+                except ValidationError as exc:
+                    problems.append(f"course.yaml: {_fmt_validation(exc)}")
+        elif not any(p.startswith("course.yaml") for p in problems):
+            problems.append("course.yaml: file is empty (needs id, title, description)")
+
+    documents = [d for p in _files(root / "lessons", LESSON_SUFFIXES) if (d := _load_lesson(root, p, problems))]
+    documents.sort(key=lambda d: (d.order, d.source))
+
+    faq: list[FaqRecord] = []
+    faq_sources: list[str] = []
+    for p in _files(root / "faq", FAQ_SUFFIXES):
+        recs = _load_faq(root, p, problems)
+        faq.extend(recs)
+        faq_sources.extend([_rel(root, p)] * len(recs))
+
+    quizzes: list[QuizQuestion] = []
+    quiz_sources: list[str] = []
+    for p in _files(root / "quizzes", (".yaml", ".yml")):
+        qs = load_quiz_file(root, p, problems)
+        quizzes.extend(qs)
+        quiz_sources.extend([_rel(root, p)] * len(qs))
+
+    flashcards: list[Flashcard] = []
+    for p in _files(root / "flashcards", (".yaml", ".yml")):
+        flashcards.extend(_load_items(root, p, _FlashcardFile, "cards", Flashcard, problems))
+
+    _check_unique("quiz question", [(q.id, s) for q, s in zip(quizzes, quiz_sources, strict=True)], problems)
+    _check_unique("FAQ record", [(r.id, s) for r, s in zip(faq, faq_sources, strict=True)], problems)
+    _check_unique("flashcard", [(c.id, "flashcards") for c in flashcards], problems)
+
+    if not documents and not faq:
+        problems.append("course has no lessons (lessons/*.md|*.txt) and no FAQ records (faq/*): nothing to teach")
+    if problems or meta is None:
+        raise CourseError(root, problems)
+    if not quizzes:
+        warnings.append("course has no quiz questions (quizzes/*.yaml): /quiz will be unavailable")
+    return Course(
+        root=root,
+        meta=meta,
+        documents=tuple(documents),
+        faq=tuple(faq),
+        faq_sources=tuple(faq_sources),
+        quizzes=tuple(quizzes),
+        quiz_sources=tuple(quiz_sources),
+        flashcards=tuple(flashcards),
+        warnings=tuple(warnings),
+    )
+
+
+def _check_unique(kind: str, items: list[tuple[str, str]], problems: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for ident, src in items:
+        if ident in seen:
+            problems.append(f"{src}: duplicate {kind} id {ident!r} (also in {seen[ident]})")
+        else:
+            seen[ident] = src
+
+
+def faq_course_from_json(path: Path | str, course_id: str = "faq") -> Course:
+    """A FAQ JSON file (list of id/question/text/section/course records) seen as a course, for evaluation."""
+    path = Path(path).resolve()
+    problems: list[str] = []
+    rows = _faq_rows(path, path.name, problems)
+    records = []
+    for n, row in enumerate(rows or [], 1):
+        try:
+            records.append(faq_record_from(row, default_id=f"{path.stem}-{n}"))
+        except (ValidationError, ValueError) as exc:
+            problems.append(f"{path.name}: record {n}: {exc}")
+    if not records and not problems:
+        problems.append(f"{path.name}: no records")
+    if problems:
+        raise CourseError(path, problems)
+    _check_unique("FAQ record", [(r.id, path.name) for r in records], problems)
+    if problems:
+        raise CourseError(path, problems)
+    return Course(
+        root=path.parent,
+        meta=CourseMeta(id=course_id, title=path.stem),
+        faq=tuple(records),
+        faq_sources=(path.name,) * len(records),
+    )

@@ -1,0 +1,64 @@
+"""The contract between the tutor and whatever writes answers (base model, fine-tuned model, ...).
+
+The prompt is built here, in one place, so fine-tuning trains on exactly the prompt that
+inference uses (``finetune.data`` imports ``build_messages``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+SYSTEM_PROMPT = (
+    "You are a course tutor. Answer the student's question using only the course passages. "
+    "Reply in at most three short sentences in plain language. "
+    "If the passages do not answer the question, say that the course does not cover it."
+)
+MAX_PASSAGE_CHARS = 700  # keeps the prompt near 500 tokens with three passages
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A retrieved piece of the course, as the answer model sees it."""
+
+    title: str
+    section: str
+    text: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    question: str
+    passages: tuple[Passage, ...]
+    max_new_tokens: int = 96
+
+
+def build_messages(question: str, passages: Sequence[Passage]) -> list[dict[str, str]]:
+    """Chat messages for one question: the system rule, then numbered passages and the question."""
+    blocks = []
+    for i, p in enumerate(passages, 1):
+        where = f"{p.title} > {p.section}" if p.section else p.title
+        text = p.text if len(p.text) <= MAX_PASSAGE_CHARS else p.text[:MAX_PASSAGE_CHARS].rsplit(" ", 1)[0] + " ..."
+        blocks.append(f"[{i}] {where}\n{text}")
+    user = "Course passages:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}"
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+class GenerationError(RuntimeError):
+    """The generator could not produce an answer (load failure, timeout, runtime error)."""
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Writes answers. Implementations must be safe to call from a worker thread."""
+
+    @property
+    def name(self) -> str:
+        """Model identity shown to maintainers, e.g. 'base:SmolLM2-135M-Instruct' or 'v3'."""
+        ...
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """Answer a batch of requests (same order). Raises GenerationError on failure."""
+        ...

@@ -1,0 +1,6 @@
+"""Every table, imported in one place so ``Base.metadata`` is complete (Alembic's target)."""
+
+from knowledge.store.base import Base
+from knowledge.store.qa_models import AnswerLog, Feedback, GuildSettings
+
+__all__ = ["AnswerLog", "Base", "Feedback", "GuildSettings"]
