@@ -43,8 +43,8 @@ class Settings(BaseSettings):
 
     # --- retrieval ------------------------------------------------------------------------
     retrieval_k: int = Field(5, ge=1, le=50, description="Passages retrieved per question.")
-    dense_weight: float = Field(1.0, ge=0, description="Weight of the dense (MiniLM) ranking in the fusion.")
-    bm25_weight: float = Field(1.0, ge=0, description="Weight of the BM25 ranking in the fusion.")
+    dense_weight: float = Field(0.5, ge=0, description="Weight of the cosine similarity in the fused score.")
+    bm25_weight: float = Field(0.5, ge=0, description="Weight of the (max-normalised) BM25 score in the fused score.")
 
     # --- answering ------------------------------------------------------------------------
     answer_mode: Literal["generative", "extractive"] = Field(

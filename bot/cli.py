@@ -1,0 +1,274 @@
+"""The `tutorbot` command. Settings are built inside each command, never at import."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(help="tutorbot: a course tutor for Discord and the terminal.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+index_app = typer.Typer(help="Build and inspect the course's search index.", no_args_is_help=True)
+eval_app = typer.Typer(help="Measure retrieval and answers.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+app.add_typer(eval_app, name="eval")
+app.add_typer(db_app, name="db")
+
+console = Console(stderr=True)
+out = Console(soft_wrap=True)
+
+CourseOpt = Annotated[Path | None, typer.Option("--course", help="Course folder (default: the configured course).")]
+IndexOpt = Annotated[Path | None, typer.Option("--index", help="Index folder (default: <data_dir>/index/<course id>).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def settings(**overrides):
+    from bot.config import Settings
+
+    s = Settings()
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(s, k, v)
+    return s
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("sentence_transformers", "httpx", "transformers", "faiss", "bm25s"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+# --- index --------------------------------------------------------------------------------------
+
+@index_app.command("build")
+def index_build(course: CourseOpt = None, index: IndexOpt = None) -> None:
+    """Validate the course and (re)build its index, re-embedding only changed passages."""
+    from knowledge.course import CourseError, load_course
+    from knowledge.embedder import EmbedderError, shared_minilm
+    from knowledge.index import build_index
+
+    s = settings(course_dir=course, index_dir=index)
+    setup_logging("WARNING")
+    try:
+        c = load_course(s.course_dir)
+    except CourseError as exc:
+        raise fail(f"{exc}\nThe index in service (if any) was left untouched.") from None
+    for w in c.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    target = s.resolved_index_dir(c.id)
+    console.print(f"Indexing [bold]{c.title}[/] ({len(c.documents)} lessons, {len(c.faq)} FAQ records) into {target}")
+    try:
+        idx = build_index(c, target, shared_minilm(), show_progress=sys.stderr.isatty())
+    except EmbedderError as exc:
+        raise fail(str(exc)) from None
+    m = idx.manifest
+    console.print(
+        f"[green]done:[/] {m.chunk_count} passages from {m.source_count} sources "
+        f"({m.embedded} embedded, {m.reused} reused) in {m.build_seconds:.1f}s; index {m.index_type}"
+    )
+
+
+@index_app.command("info")
+def index_info(course: CourseOpt = None, index: IndexOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the manifest of the index in service."""
+    from dataclasses import asdict
+
+    from knowledge.course import CourseError, load_course
+    from knowledge.index import IndexError_, KnowledgeIndex
+
+    s = settings(course_dir=course, index_dir=index)
+    try:
+        cid = load_course(s.course_dir).id
+        idx = KnowledgeIndex.load(s.resolved_index_dir(cid), course_id=cid)
+    except (CourseError, IndexError_) as exc:
+        raise fail(str(exc)) from None
+    data = asdict(idx.manifest)
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        t = Table(show_header=False)
+        for k, v in data.items():
+            t.add_row(k, str(v))
+        out.print(t)
+
+
+def open_retriever(s):
+    """Load course, index (building it if missing) and retriever for the configured course."""
+    from knowledge.course import load_course
+    from knowledge.embedder import shared_minilm
+    from knowledge.index import IndexMissingError, KnowledgeIndex, build_index
+    from knowledge.retriever import Retriever
+
+    course = load_course(s.course_dir)
+    emb = shared_minilm()
+    target = s.resolved_index_dir(course.id)
+    try:
+        idx = KnowledgeIndex.load(target, embedding_model=emb.name, course_id=course.id)
+        if idx.manifest.content_hash != _course_hash(course, emb):
+            console.print("[yellow]The course changed since the index was built; rebuilding…[/]")
+            idx = build_index(course, target, emb, show_progress=sys.stderr.isatty())
+    except IndexMissingError:
+        console.print(f"No index for {course.id} yet; building it (one time)…")
+        idx = build_index(course, target, emb, show_progress=sys.stderr.isatty())
+    return course, Retriever(idx, emb, dense_weight=s.dense_weight, bm25_weight=s.bm25_weight)
+
+
+def _course_hash(course, emb) -> str:
+    from knowledge.chunking import chunk_course
+    from knowledge.index import content_hash
+
+    return content_hash(chunk_course(course, emb.max_tokens, emb.count_tokens))
+
+
+# --- search -------------------------------------------------------------------------------------
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    k: Annotated[int, typer.Option("--k", min=1, max=50, help="Number of hits.")] = 5,
+    section: Annotated[str | None, typer.Option(help="Only passages in this section (prefix).")] = None,
+    course: CourseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search the course: hybrid dense + keyword retrieval."""
+    from knowledge.course import CourseError
+    from knowledge.index import IndexError_
+
+    s = settings(course_dir=course)
+    setup_logging("WARNING")
+    try:
+        _, retriever = open_retriever(s)
+    except (CourseError, IndexError_) as exc:
+        raise fail(str(exc)) from None
+    hits = retriever.search(query, k, section=section)
+    if as_json:
+        out.print(json.dumps([
+            {"source": h.source, "title": h.chunk.title, "section": h.chunk.section, "score": round(h.score, 5),
+             "dense_score": round(h.dense_score, 4), "bm25_score": round(h.bm25_score, 4), "excerpt": h.excerpt()}
+            for h in hits
+        ], ensure_ascii=False))
+        return
+    if not hits:
+        out.print("No passages matched.")
+    for n, h in enumerate(hits, 1):
+        where = f"{h.chunk.title} > {h.chunk.section}" if h.chunk.section else h.chunk.title
+        out.print(f"[bold]{n}. {where}[/]  [dim]{h.source}  score {h.score:.4f} (cos {h.dense_score:.2f}, bm25 {h.bm25_score:.1f})[/]")
+        out.print(f"   {h.excerpt()}\n", highlight=False)
+
+
+# --- eval ---------------------------------------------------------------------------------------
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    corpus: Annotated[Path, typer.Option("--corpus", help="A course folder or a FAQ JSON file.")],
+    ground_truth: Annotated[Path, typer.Option("--ground-truth", help="CSV: question, document|filename[, course].")],
+    k: Annotated[int, typer.Option("--k", min=1, max=50)] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """hit@1/3/5, MRR@k and query latency of the hybrid retriever on a labelled question set."""
+    from knowledge.course import CourseError, faq_course_from_json, load_course
+    from knowledge.embedder import shared_minilm
+    from knowledge.evaluation import GroundTruthError, evaluate, load_ground_truth
+    from knowledge.index import KnowledgeIndex
+    from knowledge.retriever import Retriever
+
+    s = settings()
+    setup_logging("WARNING")
+    try:
+        c = load_course(corpus) if corpus.is_dir() else faq_course_from_json(corpus)
+        queries = load_ground_truth(ground_truth)
+    except (CourseError, GroundTruthError) as exc:
+        raise fail(str(exc)) from None
+    emb = shared_minilm()
+    console.print(f"Indexing {corpus} ({len(c.documents)} lessons, {len(c.faq)} FAQ records)…")
+    idx = KnowledgeIndex.build(c, emb, show_progress=sys.stderr.isatty())
+    r = Retriever(idx, emb, dense_weight=s.dense_weight, bm25_weight=s.bm25_weight)
+    known = {ch.course_id for ch in idx.chunks}
+
+    def run(q):
+        course_filter = q.course if q.course in known else None
+        return [h.source for h in r.search(q.question, k * 4, course=course_filter)]
+
+    console.print(f"Evaluating {len(queries)} questions…")
+    res = evaluate(run, queries, k)
+    if as_json:
+        out.print(json.dumps(res))
+        return
+    t = Table(title=f"Retrieval on {corpus.name}")
+    for key in res:
+        t.add_column(key)
+    t.add_row(*[str(v) for v in res.values()])
+    out.print(t)
+
+
+# --- db -----------------------------------------------------------------------------------------
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply migrations (the Procfile's release step)."""
+    _db(lambda m, e: m.upgrade(e, revision), f"upgraded to {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. -1 or base.")]) -> None:
+    """Revert migrations."""
+    _db(lambda m, e: m.downgrade(e, revision), f"downgraded to {revision}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's revision and the newest one."""
+    async def show(m, e):
+        cur = await m.current_revision(e)
+        out.print(f"database: {cur or '(empty)'}  newest: {m.head_revision()}")
+
+    _db(show, None)
+
+
+def _db(action, done: str | None) -> None:
+    import asyncio
+
+    from knowledge.store import migrate
+    from knowledge.store.db import create_engine, redact_url
+
+    s = settings()
+    url = s.resolved_database_url
+
+    async def go():
+        engine = create_engine(url)
+        try:
+            await action(migrate, engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(go())
+    except (OSError, ConnectionError) as exc:
+        raise fail(f"cannot reach the database at {redact_url(url)}: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith(("sqlalchemy", "asyncpg")):
+            raise fail(f"database error at {redact_url(url)}: {exc}") from None
+        raise
+    if done:
+        console.print(f"[green]{done}[/] ({redact_url(url)})")
+
+
+if __name__ == "__main__":
+    app()

