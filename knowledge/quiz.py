@@ -463,6 +463,18 @@ class StudentStats:
         return sorted(self.by_topic, key=lambda t: (t.accuracy, -t.answered, t.topic))[:n]
 
 
+@dataclass(frozen=True)
+class ReviewEntry:
+    """One question under spaced review for a student."""
+
+    student_id: int
+    course_id: str
+    question_id: str
+    box: int
+    due_at: datetime
+    lapses: int = 0
+
+
 def rank_rows(rows: Iterable, key: Callable) -> list[tuple[int, object]]:
     """Competition ranking (1, 2, 2, 4) of rows already sorted best first; ``key`` gives the tie value."""
     out: list[tuple[int, object]] = []
@@ -713,9 +725,10 @@ class QuizEngine:
         channel_id: int,
         student_id: int,
         question_ids: Sequence[str],
+        limit: int = MAX_QUESTIONS,
         seconds: int | None = None,
     ) -> QuizSession:
-        """A personal review quiz from the student's due question ids (in the order given, at most 25).
+        """A personal review quiz from the student's due question ids (in the order given, at most ``limit``).
 
         Ids no longer in the course are skipped. Only the student can answer it.
         """
@@ -730,7 +743,7 @@ class QuizEngine:
             if qid in by_id and qid not in seen:
                 picked.append(by_id[qid])
                 seen.add(qid)
-        picked = picked[:MAX_QUESTIONS]
+        picked = picked[: max(MIN_QUESTIONS, min(limit, MAX_QUESTIONS))]
         if not picked:
             raise NoQuestions("Nothing is due for review right now. Questions you miss come back on a schedule.")
         seed = self._rng.getrandbits(32)
