@@ -38,3 +38,245 @@ class Answer:
     model: str | None = None
     notices: tuple[str, ...] = field(default=())
     latency_ms: float = 0.0
+
+
+# --- the tutor ---------------------------------------------------------------------------------
+
+import logging  # noqa: E402
+import re  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import unicodedata  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from knowledge.chunking import sentences  # noqa: E402
+from knowledge.generation import GenerationError, GenerationRequest, Generator, Passage  # noqa: E402
+from knowledge.retriever import Hit, Retriever  # noqa: E402
+from knowledge.text import keyword_tokens  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Relevance rule, calibrated on the sample course's question set (benchmarks/data/tutor_questions.yaml,
+# benchmarks/bench_tutor.py): in-course questions had a best passage cosine of 0.33-0.78, off-topic
+# ones 0.01-0.30; keyword evidence (raw BM25 >= 3) rescues terse in-course questions down to 0.20.
+MIN_COSINE = 0.31
+MIN_COSINE_WITH_KEYWORDS = 0.20
+MIN_BM25_FOR_KEYWORDS = 3.0
+GEN_PASSAGES = 3
+MAX_ANSWER_SENTENCES = 4
+SUPPORT_MIN = 0.6  # share of a generated sentence's content words that must appear in the passages
+
+_ZERO_WIDTH = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+_MENTION = re.compile(r"<@[!&]?\d+>|<#\d+>|@(?:everyone|here)\b", re.IGNORECASE)
+_CODE_FENCE = re.compile(r"```(?:\w+\n)?(.*?)```", re.DOTALL)
+_INJECTION = re.compile(
+    r"\b(ignore|disregard|forget)\b.{0,40}\b(instructions?|rules|prompt|above|previous)\b"
+    r"|\byou are now\b|\bact as\b|\bpretend (to be|you)\b|\bjailbreak\b|\bDAN\b"
+    r"|\b(system|hidden|initial) prompt\b|\bdeveloper mode\b",
+    re.IGNORECASE,
+)
+_FOLLOWUP = re.compile(
+    r"^(and|but|so|also|then|what about|how about|why|ok|okay|wait)\b|\b(it|that|this|those|these|they|them|then|instead|there)\b",
+    re.IGNORECASE,
+)
+_HEDGED = re.compile(r"\b(some (people )?(believe|think|assume)|misconception|myth|wrong approach|it is a mistake)\b", re.I)
+_NOT_COVERED = re.compile(r"(does not|doesn't|do not|don't) (cover|mention|say|answer)|not covered|no information", re.I)
+
+
+def clean_question(text: str, max_chars: int) -> tuple[str, list[str]]:
+    """Normalise a student's message: Unicode NFKC, zero-width and bidi controls removed, mentions
+    dropped, code fences unwrapped, whitespace collapsed, overlong text truncated (with a notice)."""
+    notices: list[str] = []
+    text = unicodedata.normalize("NFKC", text or "")
+    text = _ZERO_WIDTH.sub("", text)
+    text = _CODE_FENCE.sub(lambda m: m.group(1), text)
+    text = _MENTION.sub(" ", text)
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    text = " ".join(text.split())
+    if len(text) > max_chars:
+        cut = text[:max_chars].rsplit(" ", 1)[0] or text[:max_chars]
+        notices.append(f"Your message was {len(text):,} characters; I read the first {len(cut):,}.")
+        text = cut
+    return text, notices
+
+
+class Tutor:
+    """Answers questions about one course. Thread-safe; ``answer`` blocks (call it off the event loop)."""
+
+    def __init__(
+        self,
+        course,
+        retriever: Retriever,
+        generator: Generator | None = None,
+        *,
+        mode: str = "generative",
+        k: int = 5,
+        max_question_chars: int = 2000,
+        min_cosine: float = MIN_COSINE,
+    ):
+        self.course = course
+        self.retriever = retriever
+        self.generator = generator
+        self.mode = mode
+        self.k = k
+        self.max_question_chars = max_question_chars
+        self.min_cosine = min_cosine
+        self._swap_lock = threading.Lock()
+
+    # --- hot swaps (admin reindex / model promotion) --------------------------------------------
+    def swap(self, *, retriever: Retriever | None = None, generator: Generator | None = None, course=None) -> None:
+        with self._swap_lock:
+            if retriever is not None:
+                self.retriever = retriever
+            if generator is not None:
+                self.generator = generator
+            if course is not None:
+                self.course = course
+
+    @property
+    def model_name(self) -> str | None:
+        g = self.generator
+        return g.name if g is not None and self.mode == "generative" else None
+
+    def help_text(self) -> str:
+        return (
+            f"I'm the tutor for **{self.course.title}**. Ask me about its lessons, for example "
+            "\"what is fine-tuning?\" or \"why use a low learning rate?\", or start a quiz."
+        )
+
+    # --- answering ------------------------------------------------------------------------------
+    def answer(self, question: str, *, history: Sequence[Turn] = ()) -> Answer:
+        t0 = time.perf_counter()
+        text, notices = clean_question(question, self.max_question_chars)
+        retriever, generator = self.retriever, self.generator  # one consistent snapshot
+
+        def done(**kw) -> Answer:
+            return Answer(question=text, notices=tuple(notices), latency_ms=round((time.perf_counter() - t0) * 1000, 1), **kw)
+
+        if not keyword_tokens(text) and len(text) < 3:
+            return done(text="Ask me a question about the course. " + self.help_text(), answered=False,
+                        confidence=0.0, mode="declined")
+        if _INJECTION.search(text):
+            return done(text="I can only help with questions about the course. " + self.help_text(),
+                        answered=False, confidence=0.0, mode="declined")
+
+        query = self._rewrite(text, history)
+        hits = retriever.search(query, self.k)
+        relevant = self._relevant(hits)
+        if not relevant:
+            return done(
+                text=f"Sorry, the course doesn't cover that. {self.help_text()}",
+                answered=False, confidence=round(self._confidence(hits), 3), mode="declined",
+            )
+        sources = self._sources(relevant)
+        confidence = round(self._confidence(relevant), 3)
+        if self.mode == "generative" and generator is not None:
+            try:
+                generated = generator.generate([GenerationRequest(text if query == text else query, self._passages(relevant))])[0]
+                checked = self._grounded(generated, relevant)
+                if checked:
+                    return done(text=checked, answered=True, confidence=confidence, sources=sources,
+                                mode="generative", model=generator.name)
+                log.info("generated answer not supported by the passages; using extraction")
+            except GenerationError as exc:
+                log.warning("generation failed (%s); using extraction", exc)
+            except Exception:
+                log.exception("generator raised unexpectedly; using extraction")
+        return done(text=self._extract(query, relevant, retriever), answered=True, confidence=confidence,
+                    sources=sources, mode="extractive")
+
+    # --- steps ----------------------------------------------------------------------------------
+    @staticmethod
+    def _rewrite(text: str, history: Sequence[Turn]) -> str:
+        """A follow-up ("and why is that?") borrows the previous question's words for retrieval."""
+        last = next((t.content for t in reversed(history) if t.role == "user"), None)
+        if not last or len(text.split()) > 14 or not _FOLLOWUP.search(text):
+            return text
+        return f"{last} {text}"
+
+    def _relevant(self, hits: list[Hit]) -> list[Hit]:
+        out = []
+        for h in hits:
+            if h.dense_score >= self.min_cosine or (
+                h.dense_score >= MIN_COSINE_WITH_KEYWORDS and h.bm25_score >= MIN_BM25_FOR_KEYWORDS
+            ):
+                out.append(h)
+        return out
+
+    def _confidence(self, hits: list[Hit]) -> float:
+        if not hits:
+            return 0.0
+        best = max(h.dense_score for h in hits)
+        return float(np.clip((best - MIN_COSINE_WITH_KEYWORDS) / 0.5, 0.0, 1.0))
+
+    @staticmethod
+    def _sources(hits: list[Hit], limit: int = 3) -> tuple[SourceRef, ...]:
+        seen, out = set(), []
+        for h in hits:
+            key = (h.source, h.chunk.section)
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(SourceRef(h.source, h.chunk.title, h.chunk.section, round(h.score, 4), h.excerpt(200)))
+            if len(out) == limit:
+                break
+        return tuple(out)
+
+    @staticmethod
+    def _passages(hits: list[Hit]) -> tuple[Passage, ...]:
+        return tuple(Passage(h.chunk.title, h.chunk.section, h.chunk.text, h.source) for h in hits[:GEN_PASSAGES])
+
+    def _extract(self, query: str, hits: list[Hit], retriever: Retriever) -> str:
+        """The best sentences of the top passages, in reading order: cosine to the question plus
+        keyword overlap, with a preference for the best passage."""
+        cands: list[tuple[int, int, str]] = []
+        for pi, h in enumerate(hits[:GEN_PASSAGES]):
+            for si, s in enumerate(sentences(h.chunk.text)):
+                if len(s) >= 20 and not s.endswith(":"):
+                    cands.append((pi, si, s))
+        if not cands:
+            return hits[0].excerpt(400)
+        emb = retriever.embedder
+        vecs = emb.encode([query] + [c[2] for c in cands])
+        cos = vecs[1:] @ vecs[0]
+        qtok = set(keyword_tokens(query))
+        scores = []
+        for (pi, _si, s), c in zip(cands, cos.tolist(), strict=True):
+            overlap = len(qtok & set(keyword_tokens(s))) / max(len(qtok), 1)
+            penalty = 0.3 if _HEDGED.search(s) else 0.0  # never state a misconception as the answer
+            scores.append(c + 0.3 * overlap - 0.05 * pi - penalty)
+        best = int(np.argmax(scores))
+        bp = cands[best][0]
+        # Up to three sentences of the best sentence's passage, in reading order, starting at the
+        # best one (passages open with their point, so the following sentences carry the detail).
+        own = [i for i, c in enumerate(cands) if c[0] == bp]
+        chosen = [best] + [i for i in own if i > best and scores[i] >= scores[best] - 0.35][:2]
+        if len(chosen) == 1:
+            chosen += [i for i in own if i < best and scores[i] >= scores[best] - 0.2][-1:]
+        return " ".join(cands[i][2] for i in sorted(chosen))
+
+    @staticmethod
+    def _grounded(generated: str, hits: list[Hit]) -> str | None:
+        """Keep the generated sentences whose content words (and numbers) appear in the passages."""
+        text = " ".join((generated or "").split())
+        if not text or _NOT_COVERED.search(text):
+            return None
+        passage_text = " ".join(h.chunk.text for h in hits[:GEN_PASSAGES])
+        vocab = set(keyword_tokens(passage_text))
+        numbers = set(re.findall(r"\d+(?:\.\d+)?", passage_text))
+        kept = []
+        for s in sentences(text):
+            toks = keyword_tokens(s)
+            if not toks:
+                continue
+            support = sum(t in vocab for t in toks) / len(toks)
+            nums_ok = all(n in numbers for n in re.findall(r"\d+(?:\.\d+)?", s))
+            if support >= SUPPORT_MIN and nums_ok:
+                kept.append(s)
+            if len(kept) == MAX_ANSWER_SENTENCES:
+                break
+        if not kept:
+            return None
+        return " ".join(kept)
