@@ -218,6 +218,110 @@ def eval_retrieval(
     out.print(t)
 
 
+# --- answering ----------------------------------------------------------------------------------
+
+ModeOpt = Annotated[str | None, typer.Option("--mode", help="generative or extractive (default: the setting).")]
+
+
+def _runtime(course: Path | None, mode: str | None, quiet: bool = False):
+    from bot.runtime import TutorRuntime
+    from knowledge.course import CourseError
+    from knowledge.embedder import EmbedderError
+    from knowledge.index import IndexError_
+
+    if mode not in (None, "generative", "extractive"):
+        raise fail(f"--mode must be generative or extractive, not {mode!r}")
+    s = settings(course_dir=course, answer_mode=mode)
+    setup_logging("ERROR" if quiet else "WARNING")
+    try:
+        return TutorRuntime(s, progress=lambda m: console.print(f"[dim]{m}[/]"))
+    except (CourseError, IndexError_, EmbedderError) as exc:
+        raise fail(str(exc)) from None
+
+
+def answer_json(a) -> dict:
+    return {
+        "question": a.question, "answer": a.text, "answered": a.answered, "confidence": a.confidence,
+        "sources": [{"source": r.source, "title": r.title, "section": r.section, "score": r.score, "excerpt": r.excerpt}
+                    for r in a.sources],
+        "latency_ms": a.latency_ms, "mode": a.mode, "model": a.model, "notices": list(a.notices),
+    }
+
+
+def print_answer(a) -> None:
+    for n in a.notices:
+        out.print(f"[yellow]{n}[/]", highlight=False)
+    out.print(a.text, highlight=False, markup=False)
+    if a.sources:
+        out.print("[dim]Sources:[/]")
+        for r in a.sources:
+            out.print(f"[dim]  - {r.label}  ({r.source})[/]", highlight=False)
+    out.print(f"[dim]{a.mode}, confidence {a.confidence:.2f}, {a.latency_ms:.0f} ms[/]")
+
+
+@app.command()
+def ask(
+    question: Annotated[str | None, typer.Argument(help="The question.")] = None,
+    batch: Annotated[Path | None, typer.Option("--batch", help="File with one question per line ('-' = stdin).")] = None,
+    as_json: JsonOpt = False,
+    course: CourseOpt = None,
+    mode: ModeOpt = None,
+) -> None:
+    """Answer one question, or a file of questions (models loaded once; JSON lines out with --json)."""
+    if (question is None) == (batch is None):
+        raise fail("give a QUESTION or --batch FILE (not both)")
+    rt = _runtime(course, mode, quiet=as_json)
+    try:
+        if question is not None:
+            a = rt.tutor.answer(question)
+            out.print(json.dumps(answer_json(a), ensure_ascii=False)) if as_json else print_answer(a)
+            return
+        try:
+            lines = (sys.stdin.read() if str(batch) == "-" else batch.read_text(encoding="utf-8")).splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise fail(f"cannot read {batch}: {exc}") from None
+        qs = [q for q in lines if q.strip()]
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Concurrent callers let the batching generator answer several questions per model call.
+        with ThreadPoolExecutor(max_workers=rt.settings.max_concurrent_generations) as pool:
+            for a in pool.map(rt.tutor.answer, qs):
+                if as_json:
+                    sys.stdout.write(json.dumps(answer_json(a), ensure_ascii=False) + "\n")
+                    sys.stdout.flush()
+                else:
+                    out.rule(a.question[:80])
+                    print_answer(a)
+    finally:
+        rt.close()
+
+
+@app.command()
+def chat(course: CourseOpt = None, mode: ModeOpt = None) -> None:
+    """The terminal tutor: ask questions; /quiz, /help, /quit. Works with piped input too."""
+    from bot.terminal import run_chat
+
+    rt = _runtime(course, mode)
+    try:
+        run_chat(rt, out)
+    finally:
+        rt.close()
+
+
+@app.command()
+def run() -> None:
+    """Run the Discord bot (needs DISCORD_TOKEN). `make run` starts the terminal tutor without one."""
+    s = settings()
+    if s.discord_token is None or not s.discord_token.get_secret_value().strip():
+        raise fail("DISCORD_TOKEN is not set. Create a bot at https://discord.com/developers/applications, "
+                   "put its token in DISCORD_TOKEN (or .env), then run again. See README: "
+                   "'Run it on your Discord server'.", code=2)
+    from bot.__main__ import run_discord
+
+    setup_logging(s.log_level)
+    raise typer.Exit(run_discord(s))
+
+
 # --- db -----------------------------------------------------------------------------------------
 
 @db_app.command("upgrade")

@@ -82,6 +82,7 @@ _FOLLOWUP = re.compile(
     re.IGNORECASE,
 )
 _HEDGED = re.compile(r"\b(some (people )?(believe|think|assume)|misconception|myth|wrong approach|it is a mistake)\b", re.I)
+_SCAFFOLD = re.compile(r"^(question|reasoning|common mistakes?|answer|option [a-f]|step \d+)\b[^.]{0,40}:", re.I)
 _NOT_COVERED = re.compile(r"(does not|doesn't|do not|don't) (cover|mention|say|answer)|not covered|no information", re.I)
 
 
@@ -245,7 +246,9 @@ class Tutor:
         scores = []
         for (pi, _si, s), c in zip(cands, cos.tolist(), strict=True):
             overlap = len(qtok & set(keyword_tokens(s))) / max(len(qtok), 1)
-            penalty = 0.3 if _HEDGED.search(s) else 0.0  # never state a misconception as the answer
+            # never state a misconception as the answer, nor echo exercise scaffolding
+            penalty = 0.3 if _HEDGED.search(s) else 0.0
+            penalty += 0.3 if _SCAFFOLD.match(s) else 0.0
             scores.append(c + 0.3 * overlap - 0.05 * pi - penalty)
         best = int(np.argmax(scores))
         bp = cands[best][0]
