@@ -34,6 +34,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
+import yaml
+from pydantic import ValidationError
+
 from knowledge.course import (
     BUTTON_LABEL_MAX,
     Course,
@@ -42,7 +45,9 @@ from knowledge.course import (
     QuizQuestion,
     load_course,
     load_quiz_file,
+    read_text_file,
 )
+from knowledge.course import _fmt_validation as format_validation_error
 
 Clock = Callable[[], datetime]
 
@@ -1006,6 +1011,36 @@ def quiz_files(course_dir: Path) -> list[Path]:
     )
 
 
+def _entries_one_by_one(path: Path, rel: str, problems: list[str]) -> list[QuizQuestion]:
+    """When the loader refuses a whole file for one malformed entry (e.g. a bare string in the list),
+    validate the entries one by one with the same schema, so each bad entry is named."""
+    text = read_text_file(path, rel, [])
+    try:
+        data = yaml.safe_load(text) if text is not None else None
+    except yaml.YAMLError:
+        return []
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list) or not data["questions"]:
+        return []
+    problems[:] = [p for p in problems if not p.startswith(f"{rel}: expected a mapping")]
+    extra = sorted(str(k) for k in data if k != "questions")
+    if extra:
+        problems.append(f"{rel}: unexpected top-level key(s) {extra}; only 'questions:' is allowed")
+    out = []
+    for n, item in enumerate(data["questions"], 1):
+        if not isinstance(item, dict):
+            problems.append(
+                f"{rel}: entry {n}: expected a mapping with id, question, choices, answer, explanation "
+                f"(got {type(item).__name__})"
+            )
+            continue
+        label = f"entry {n}" + (f" (id {item['id']})" if item.get("id") else "")
+        try:
+            out.append(QuizQuestion.model_validate(item))
+        except ValidationError as exc:
+            problems.append(f"{rel}: {label}: {format_validation_error(exc)}")
+    return out
+
+
 def lint_quiz_bank(course_dir: Path | str) -> BankReport:
     """Check every question file of a course, file by file and entry by entry.
 
@@ -1029,6 +1064,8 @@ def lint_quiz_bank(course_dir: Path | str) -> BankReport:
         rel = path.relative_to(root).as_posix()
         problems: list[str] = []
         questions = load_quiz_file(root, path, problems)
+        if not questions and any(p.startswith(f"{rel}: expected a mapping") for p in problems):
+            questions = _entries_one_by_one(path, rel, problems)
         report.errors.extend(problems)
         for q in questions:
             where = f"{rel}: question {q.id}"
