@@ -3,7 +3,9 @@
 Lessons are split at Markdown headings (outside code fences); a section too long for the embedding
 model's window is split again at paragraphs, then sentences, so nothing is silently truncated.
 A FAQ record is one chunk (question + answer) unless its answer alone overflows the window.
-Chunk ids are a hash of (source, character span, text): rebuilding the same course gives the same ids.
+Chunk ids are a hash of (source, section path, piece number within the section, text): rebuilding
+the same course gives the same ids, and editing one section changes only that section's ids (an id
+built from character offsets would change for every chunk after the edit).
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class Chunk:
         return hashlib.sha256(self.embed_text.encode("utf-8")).hexdigest()[:32]
 
 
-def chunk_id(course_id: str, source: str, start: int, end: int, text: str) -> str:
-    h = hashlib.sha256(f"{course_id}\x00{source}\x00{start}:{end}\x00{text}".encode()).hexdigest()
+def chunk_id(course_id: str, source: str, anchor: str, text: str) -> str:
+    """Stable id: ``anchor`` locates the chunk structurally (section path and piece number), not by offset."""
+    h = hashlib.sha256(f"{course_id}\x00{source}\x00{anchor}\x00{text}".encode()).hexdigest()
     return h[:16]
 
 
@@ -97,7 +100,9 @@ def _markdown_sections(text: str, title: str) -> list[_Section]:
 
 def _paragraph_spans(text: str, start: int, end: int) -> list[tuple[int, int]]:
     spans = []
-    for m in re.finditer(r"\S(?:.*?\S)?(?=\n\s*\n|\Z)", text[start:end], re.DOTALL):
+    # A paragraph ends at a blank line or at the end of the span; trailing spaces or a single
+    # final newline must not hide the last paragraph (or merge it with the next one).
+    for m in re.finditer(r"\S(?:.*?\S)?(?=[ \t]*\n\s*\n|\s*\Z)", text[start:end], re.DOTALL):
         spans.append((start + m.start(), start + m.end()))
     return spans
 
@@ -163,6 +168,7 @@ def chunk_document(
     else:
         sections = [_Section((), 0, len(text))]
     chunks: list[Chunk] = []
+    seen: dict[str, int] = {}
     for sec in sections:
         if not text[sec.start:sec.end].strip():
             continue
@@ -170,12 +176,15 @@ def chunk_document(
         head = f"{doc.title} > {section}" if section else doc.title
         budget = max_tokens - count_tokens(head) - EMBED_OVERHEAD_TOKENS
         spans = _pack(text, _paragraph_spans(text, sec.start, sec.end), budget, count_tokens)
-        for a, b in spans:
+        for piece, (a, b) in enumerate(spans):
             body = text[a:b].strip()
             if body:
-                chunks.append(
-                    Chunk(chunk_id(course_id, doc.source, a, b, body), course_id, doc.source, doc.title, section, body, a, b)
-                )
+                cid = chunk_id(course_id, doc.source, f"{section}\x00{piece}", body)
+                # the same heading path repeated with the same text: still distinct ids, in document order
+                seen[cid] = seen.get(cid, 0) + 1
+                if seen[cid] > 1:
+                    cid = chunk_id(course_id, doc.source, f"{section}\x00{piece}\x00{seen[cid]}", body)
+                chunks.append(Chunk(cid, course_id, doc.source, doc.title, section, body, a, b))
     return chunks
 
 
@@ -188,8 +197,9 @@ def chunk_faq(
     spans = [(0, len(text))] if count_tokens(text) <= budget else _pack(text, _paragraph_spans(text, 0, len(text)), budget, count_tokens)
     cid = rec.course or course_id
     return [
-        Chunk(chunk_id(cid, rec.id, a, b, text[a:b]), cid, rec.id, title, rec.section, text[a:b].strip(), a, b, "faq", rec.question)
-        for a, b in spans
+        Chunk(chunk_id(cid, rec.id, str(piece), text[a:b].strip()), cid, rec.id, title, rec.section, text[a:b].strip(),
+              a, b, "faq", rec.question)
+        for piece, (a, b) in enumerate(spans)
         if text[a:b].strip()
     ]
 

@@ -205,7 +205,8 @@ def read_text_file(path: Path, rel: str, problems: list[str]) -> str | None:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        problems.append(f"{rel}: not valid UTF-8 (byte {exc.start}); save it as UTF-8")
+        line = data.count(b"\n", 0, exc.start) + 1
+        problems.append(f"{rel}: not valid UTF-8 at line {line} (byte {exc.start}); save it as UTF-8")
         return None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -271,36 +272,66 @@ def _load_lesson(root: Path, path: Path, problems: list[str]) -> Document | None
     )
 
 
-def _faq_rows(path: Path, rel: str, problems: list[str]) -> list[dict] | None:
+def _csv_rows(text: str, rel: str, problems: list[str]) -> list[tuple[str, object]] | None:
+    """CSV records with their line numbers; a row with more or fewer fields than the header, or an
+    unclosed quote, is malformed (csv's default would silently drop or pad fields)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[tuple[str, object]] = []
+    line = 1
+    try:
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            problems.append(f"{rel}: empty CSV; expected a header row (id, question, answer, section)")
+            return None
+        n = 0
+        line = reader.line_num + 1
+        for fields in reader:
+            if any(f.strip() for f in fields):
+                n += 1
+                if len(fields) != len(header):
+                    problems.append(f"{rel}: line {line}: malformed CSV: {len(fields)} fields, the header has {len(header)}")
+                    return None
+                rows.append((f"record {n} (line {line})", dict(zip(header, fields, strict=True))))
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        problems.append(f"{rel}: line {line}: malformed CSV: {exc} (an unclosed quote?)")
+        return None
+    return rows
+
+
+def _faq_rows(path: Path, rel: str, problems: list[str]) -> list[tuple[str, object]] | None:
+    """The raw records of a FAQ file, each with a label naming where it is ("record 3 (line 4)")."""
     text = read_text_file(path, rel, problems)
     if text is None:
         return None
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".json":
+    if suffix == ".csv":
+        rows = _csv_rows(text, rel, problems)
+    elif suffix == ".jsonl":
+        rows = []
+        for line, raw in enumerate(text.splitlines(), 1):
+            if raw.strip():
+                try:
+                    rows.append((f"record {len(rows) + 1} (line {line})", json.loads(raw)))
+                except json.JSONDecodeError as exc:
+                    problems.append(f"{rel}: line {line}: malformed JSON at column {exc.colno}: {exc.msg}")
+                    return None
+    else:
+        try:
             data = json.loads(text)
-            if isinstance(data, dict) and isinstance(data.get("records"), list):
-                data = data["records"]
-            if not isinstance(data, list):
-                problems.append(f"{rel}: expected a JSON list of records")
-                return None
-            return data
-        if suffix == ".jsonl":
-            rows = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        problems.append(f"{rel}: line {n}: malformed JSON: {exc.msg}")
-                        return None
-            return rows
-        return list(csv.DictReader(io.StringIO(text)))
-    except json.JSONDecodeError as exc:
-        problems.append(f"{rel}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
-    except csv.Error as exc:
-        problems.append(f"{rel}: malformed CSV: {exc}")
-    return None
+        except json.JSONDecodeError as exc:
+            problems.append(f"{rel}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+            return None
+        if isinstance(data, dict) and isinstance(data.get("records"), list):
+            data = data["records"]
+        if not isinstance(data, list):
+            problems.append(f"{rel}: expected a JSON list of records")
+            return None
+        rows = [(f"record {n}", row) for n, row in enumerate(data, 1)]
+    if rows is not None and not rows:
+        problems.append(f"{rel}: no FAQ records (expected records with question and answer)")
+        return None
+    return rows
 
 
 def faq_record_from(row: object, default_id: str) -> FaqRecord:
@@ -326,13 +357,13 @@ def _load_faq(root: Path, path: Path, problems: list[str]) -> list[FaqRecord]:
     if rows is None:
         return []
     out = []
-    for n, row in enumerate(rows, 1):
+    for n, (label, row) in enumerate(rows, 1):
         try:
             out.append(faq_record_from(row, default_id=f"{path.stem}-{n}"))
         except ValidationError as exc:
-            problems.append(f"{rel}: record {n}: {_fmt_validation(exc)}")
+            problems.append(f"{rel}: {label}: {_fmt_validation(exc)}")
         except ValueError as exc:
-            problems.append(f"{rel}: record {n}: {exc}")
+            problems.append(f"{rel}: {label}: {exc}")
     return out
 
 
@@ -415,14 +446,23 @@ def load_course(course_dir: Path | str) -> Course:
         qs = load_quiz_file(root, p, problems)
         quizzes.extend(qs)
         quiz_sources.extend([_rel(root, p)] * len(qs))
+    for q, src in zip(quizzes, quiz_sources, strict=True):
+        for i, choice in enumerate(q.choices, 1):
+            if len(choice) > BUTTON_LABEL_MAX:  # a quiz choice is a Discord button label
+                problems.append(
+                    f"{src}: question {q.id}: choice {i} is {len(choice)} characters, over the {BUTTON_LABEL_MAX} limit"
+                )
 
     flashcards: list[Flashcard] = []
+    flashcard_sources: list[str] = []
     for p in _files(root / "flashcards", (".yaml", ".yml")):
-        flashcards.extend(_load_items(root, p, _FlashcardFile, "cards", Flashcard, problems))
+        cards = _load_items(root, p, _FlashcardFile, "cards", Flashcard, problems)
+        flashcards.extend(cards)
+        flashcard_sources.extend([_rel(root, p)] * len(cards))
 
     _check_unique("quiz question", [(q.id, s) for q, s in zip(quizzes, quiz_sources, strict=True)], problems)
     _check_unique("FAQ record", [(r.id, s) for r, s in zip(faq, faq_sources, strict=True)], problems)
-    _check_unique("flashcard", [(c.id, "flashcards") for c in flashcards], problems)
+    _check_unique("flashcard", list(zip((c.id for c in flashcards), flashcard_sources, strict=True)), problems)
 
     if not documents and not faq:
         problems.append("course has no lessons (lessons/*.md|*.txt) and no FAQ records (faq/*): nothing to teach")
@@ -458,11 +498,13 @@ def faq_course_from_json(path: Path | str, course_id: str = "faq") -> Course:
     problems: list[str] = []
     rows = _faq_rows(path, path.name, problems)
     records = []
-    for n, row in enumerate(rows or [], 1):
+    for n, (label, row) in enumerate(rows or [], 1):
         try:
             records.append(faq_record_from(row, default_id=f"{path.stem}-{n}"))
-        except (ValidationError, ValueError) as exc:
-            problems.append(f"{path.name}: record {n}: {exc}")
+        except ValidationError as exc:
+            problems.append(f"{path.name}: {label}: {_fmt_validation(exc)}")
+        except ValueError as exc:
+            problems.append(f"{path.name}: {label}: {exc}")
     if not records and not problems:
         problems.append(f"{path.name}: no records")
     if problems:
