@@ -62,10 +62,7 @@ class QuizSessionRow(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column()
 
-    __table_args__ = (
-        Index("ix_quiz_sessions_status", "status"),
-        Index("ix_quiz_sessions_channel_status", "channel_id", "status"),
-    )
+    __table_args__ = (Index("ix_quiz_sessions_status", "status"),)  # restart recovery: open sessions
 
 
 class QuizSessionQuestion(Base):
@@ -112,7 +109,9 @@ class QuizAnswer(Base):
 
     __table_args__ = (
         UniqueConstraint("session_id", "position", "student_id", name="uq_quiz_answers_session_position_student"),
+        # stats by topic for one student; covering, so the table itself is not read
         Index("ix_quiz_answers_student_topic", "student_id", "topic", "correct"),
+        # leaderboards over a period ("this week"): range scan on (guild, time), covering
         Index("ix_quiz_answers_guild_time", "guild_id", "answered_at", "student_id", "points", "correct"),
     )
 
@@ -134,7 +133,7 @@ class QuizScore(Base):
     best_streak: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (Index("ix_quiz_scores_guild_total", "guild_id", "total"),)
+    __table_args__ = (Index("ix_quiz_scores_guild_total", "guild_id", "total"),)  # top N of a guild
 
 
 class ReviewItem(Base):
@@ -151,5 +150,5 @@ class ReviewItem(Base):
     due_at: Mapped[datetime] = mapped_column()
     lapses: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-    __table_args__ = (Index("ix_review_items_student_due", "student_id", "due_at"),)
+    # Due items are found through the primary key (student_id, course_id, ...): a student has few
+    # items per course, so an extra (student_id, due_at) index measured no faster (docs/BENCHMARKS.md).
