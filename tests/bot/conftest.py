@@ -76,3 +76,138 @@ def run_bot(fake_discord):
         return running_bot(fake_discord, bot, **kw)
 
     return _run
+
+
+# ----------------------------------------------------------------------------- the tutorbot under test
+class StandInTutor:
+    """STAND-IN for ``knowledge.tutor.Tutor`` (not written yet): same ``answer`` signature and
+    ``course`` attribute, canned answers citing "Basics > Pre-training". It echoes the question into
+    the answer (to prove echoed text is neutralized) and can be slowed, gated or made to fail.
+
+    Switch the e2e tests to the real Tutor (extractive mode, MiniLM, sample course) once it lands.
+    """
+
+    def __init__(self, *, delay: float = 0.0, error: BaseException | None = None, gate=None) -> None:
+        import threading
+        from types import SimpleNamespace
+
+        self.course = SimpleNamespace(id="tiny", title="Tiny Course")
+        self.delay = delay
+        self.error = error
+        self.gate = gate  # a threading.Event the answer waits for
+        self.questions: list[str] = []
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+
+    def answer(self, question, *, history=()):
+        import time
+
+        from knowledge.tutor import Answer, SourceRef
+
+        with self._lock:
+            self.questions.append(question)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.gate is not None:
+                self.gate.wait(10)
+            if self.delay:
+                time.sleep(self.delay)
+            if self.error is not None:
+                raise self.error
+            return Answer(
+                question=question,
+                text=f"Pre-training teaches a model general patterns first. (You asked: {question})",
+                answered=True,
+                confidence=0.8,
+                sources=(
+                    SourceRef(
+                        "lessons/01-basics.md", "Basics", "Pre-training", 0.9, "Pre-training teaches..."
+                    ),
+                    SourceRef("lessons/01-basics.md", "Basics", "Fine-tuning", 0.5, "Fine-tuning adapts..."),
+                ),
+                mode="extractive",
+                latency_ms=5.0,
+            )
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+class StandInRuntime:
+    """A TutorRuntime that records calls (the real one is built in the composition root)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def reindex(self) -> str:
+        self.calls.append("reindex")
+        return "42 chunks from 5 lessons"
+
+    def reload_model(self) -> str:
+        self.calls.append("reload_model")
+        return "model v3 loaded"
+
+    def status(self) -> dict:
+        self.calls.append("status")
+        return {"Index": "42 chunks", "Model": "v3"}
+
+
+@pytest.fixture
+async def bot_engine(tmp_path):
+    """A migrated SQLite database for the bot (the e2e tests run on SQLite only, for speed;
+    tests/knowledge/test_qa_repo.py covers both databases)."""
+    from knowledge.store import migrate
+    from knowledge.store.db import create_engine
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    await migrate.upgrade(engine, "head")
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def bot_session_factory(bot_engine):
+    from knowledge.store.db import create_session_factory
+
+    return create_session_factory(bot_engine)
+
+
+@pytest.fixture
+def make_settings(tmp_path, fake_discord):
+    """``make_settings(user_rate=2, DEV_GUILD_ID=...)``: Settings for a test (no .env, no environment)."""
+    from bot.config import Settings
+
+    def _make(**overrides):
+        values = {"DISCORD_TOKEN": fake_discord.token, "data_dir": tmp_path, "answer_mode": "extractive"}
+        aliases = {
+            "discord_token": "DISCORD_TOKEN",
+            "dev_guild_id": "DEV_GUILD_ID",
+            "shard_count": "SHARD_COUNT",
+            "shard_ids": "SHARD_IDS",
+            "database_url": "DATABASE_URL",
+        }
+        for k, v in overrides.items():
+            values[aliases.get(k, k)] = v
+        return Settings(_env_file=None, **values)
+
+    return _make
+
+
+@pytest.fixture
+def make_tutor_bot(make_settings, bot_session_factory):
+    """``make_tutor_bot(tutor=..., settings=..., quiz_service=..., runtime=...)`` -> a TutorBot
+    wired to the test database, with a stand-in tutor unless one is given."""
+    from bot.client import TutorBot
+
+    def _make(*, tutor=None, settings=None, session_factory=None, **kw):
+        kw.setdefault("guild_ready_timeout", 0.05)
+        return TutorBot(
+            settings=settings or make_settings(),
+            tutor=tutor or StandInTutor(),
+            session_factory=session_factory or bot_session_factory,
+            **kw,
+        )
+
+    return _make

@@ -109,8 +109,8 @@ class FakeChannel:
     type: int = 0  # 0 text, 1 DM
     position: int = 0
     recipient: FakeUser | None = None  # DMs only
-    # Permission bits the bot lacks in this channel (e.g. SEND_MESSAGES for a read-only channel).
-    bot_denied: int = 0
+    # Permission overwrites, Discord's format: {"id", "type": 0 role | 1 member, "allow", "deny"}.
+    overwrites: list[dict] = field(default_factory=list)
 
     @property
     def mention(self) -> str:
@@ -131,7 +131,10 @@ class FakeChannel:
             "guild_id": str(self.guild_id),
             "name": self.name,
             "position": self.position,
-            "permission_overwrites": [],
+            "permission_overwrites": [
+                {"id": str(o["id"]), "type": o["type"], "allow": str(o["allow"]), "deny": str(o["deny"])}
+                for o in self.overwrites
+            ],
             "nsfw": False,
             "parent_id": None,
             "topic": None,
@@ -178,20 +181,33 @@ class FakeGuild:
         return next((m for m in self.members if m.user.id == uid), None)
 
     def permissions_of(self, user: FakeUser | int, channel: FakeChannel | None = None) -> int:
-        """Discord's base permission computation (no channel overwrites), as interactions report it."""
+        """Discord's permission computation: base (roles) then the channel's overwrites."""
         uid = user if isinstance(user, int) else user.id
         if uid == self.owner_id:
             return ALL_PERMS
         member = self.member(uid)
+        roles = set(member.roles) if member is not None else set()
         perms = self.everyone.permissions
-        if member is not None:
-            for r in self.roles:
-                if r.id in member.roles:
-                    perms |= r.permissions
+        for r in self.roles:
+            if r.id in roles:
+                perms |= r.permissions
         if perms & ADMINISTRATOR:
             return ALL_PERMS
-        if channel is not None and member is not None and member.user.bot:
-            perms &= ~channel.bot_denied
+        if channel is None:
+            return perms
+        ows = channel.overwrites
+        for o in ows:  # @everyone
+            if o["type"] == 0 and o["id"] == self.id:
+                perms = (perms & ~o["deny"]) | o["allow"]
+        allow = deny = 0
+        for o in ows:  # roles, together
+            if o["type"] == 0 and o["id"] in roles:
+                allow |= o["allow"]
+                deny |= o["deny"]
+        perms = (perms & ~deny) | allow
+        for o in ows:  # the member
+            if o["type"] == 1 and o["id"] == uid:
+                perms = (perms & ~o["deny"]) | o["allow"]
         return perms
 
     def member_dict(
@@ -296,7 +312,14 @@ class World:
                 "announcements",
                 guild_id,
                 position=3,
-                bot_denied=discord.Permissions(send_messages=True).value,
+                overwrites=[
+                    {
+                        "id": bot.id,
+                        "type": 1,
+                        "allow": 0,
+                        "deny": discord.Permissions(send_messages=True).value,
+                    }
+                ],
             ),
         ]
         members = [

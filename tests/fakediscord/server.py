@@ -679,8 +679,12 @@ class FakeDiscord:
         ch = self.world.find_channel(channel_id)
         if ch is None:
             raise _HTTPError(404, 10003, "Unknown Channel")
-        if ch.bot_denied & discord.Permissions(send_messages=True).value:
-            raise _HTTPError(403, 50013, "Missing Permissions")
+        if ch.guild_id is not None:
+            perms = self.guild.permissions_of(self.bot_user, ch)
+            if not perms & discord.Permissions(view_channel=True).value:
+                raise _HTTPError(403, 50001, "Missing Access")
+            if not perms & discord.Permissions(send_messages=True).value:
+                raise _HTTPError(403, 50013, "Missing Permissions")
         return ch
 
     async def _post_message(self, request, match, body) -> web.Response:
