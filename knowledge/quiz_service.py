@@ -269,9 +269,7 @@ class QuizService:
         async with self._lock(session_id):
             self.engine.close(session_id)
             await self._gate(session_id).drain()
-            session = self.engine.get(session_id)
-            if session.is_open:
-                await self.repo.save_progress(session)
+            await self.repo.save_progress(self.engine.get(session_id))  # also when it just stopped (idle)
             return self.engine.reveal(session_id)
 
     # --- ending ----------------------------------------------------------------------------
@@ -337,7 +335,8 @@ class QuizService:
 
         Resumed: an open question with at least ``resume_grace`` left, or a session between questions
         whose last activity is within ``resume_window``. Everything else is closed as "expired"
-        (reason "restart"), or "finished" if every question had already been asked.
+        (reason "restart"), "finished" if every question had already been asked, or "stopped" (reason
+        "idle") if it had just stopped itself.
         """
         out: list[Recovery] = []
         for session in await self.repo.open_sessions():
@@ -345,7 +344,9 @@ class QuizService:
                 continue
             now = self.now()
             q = session.current_question
-            if q is not None and q.is_open:
+            if session.idle_streak >= session.idle_limit:
+                pass  # it stopped itself (idle) just before the restart: close it below
+            elif q is not None and q.is_open:
                 assert q.deadline is not None
                 if q.deadline - now >= self.resume_grace:
                     self.engine.adopt(session)
@@ -355,7 +356,9 @@ class QuizService:
                 self.engine.adopt(session)
                 out.append(Recovery("resumed", session))
                 continue
-            if q is not None and not session.has_more and not q.is_open:
+            if session.idle_streak >= session.idle_limit:
+                status, reason = "stopped", "idle"
+            elif q is not None and not session.has_more and not q.is_open:
                 status, reason = "finished", "completed"
             else:
                 status, reason = "expired", "restart"

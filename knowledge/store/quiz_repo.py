@@ -16,7 +16,10 @@ Datetimes are stored in UTC; SQLite hands them back naive, so every read goes th
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 from sqlalchemy import and_, case, delete, func, select, tuple_, update
@@ -69,6 +72,19 @@ class QuizRepo:
         self._sf = session_factory
         bind = session_factory.kw.get("bind")
         self.dialect = bind.dialect.name if bind is not None else "sqlite"
+        # SQLite has one writer at a time; queueing writers here instead of in SQLite's busy handler
+        # (which sleeps and retries) makes a burst of clicks several times faster. PostgreSQL: no lock.
+        self._write_lock: asyncio.Lock | None = asyncio.Lock() if self.dialect == "sqlite" else None
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction, committed on exit (serialised in-process on SQLite)."""
+        if self._write_lock is None:
+            async with self._sf() as s, s.begin():
+                yield s
+            return
+        async with self._write_lock, self._sf() as s, s.begin():
+            yield s
 
     def _insert(self, table):
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
@@ -80,7 +96,7 @@ class QuizRepo:
 
     async def create_session(self, session: QuizSession) -> None:
         """Store a new session with its drawn questions and choice orders."""
-        async with self._sf() as s, s.begin():
+        async with self._write() as s:
             s.add(
                 QuizSessionRow(
                     id=session.id, kind=session.kind, guild_id=session.guild_id, channel_id=session.channel_id,
@@ -109,7 +125,7 @@ class QuizRepo:
         The final status is written by ``finish_session`` only. Returns False if the stored session is
         no longer open (it was finished elsewhere).
         """
-        async with self._sf() as s, s.begin():
+        async with self._write() as s:
             res = await s.execute(
                 update(QuizSessionRow)
                 .where(QuizSessionRow.id == session.id, QuizSessionRow.status == "open")
@@ -207,7 +223,7 @@ class QuizRepo:
         if outcome.kind == "unchanged":
             return
         now = _utc(outcome.answered_at)
-        async with self._sf() as s, s.begin():
+        async with self._write() as s:
             stu = self._insert(Student).values(id=outcome.user_id, display_name=outcome.display_name, updated_at=now)
             await s.execute(
                 stu.on_conflict_do_update(
@@ -249,7 +265,7 @@ class QuizRepo:
         if status not in ("finished", "stopped", "expired"):
             raise ValueError(f"not a final status: {status!r}")
         now = _utc(now)
-        async with self._sf() as s, s.begin():
+        async with self._write() as s:
             res = await s.execute(
                 update(QuizSessionRow)
                 .where(QuizSessionRow.id == session_id, QuizSessionRow.status == "open")
@@ -466,7 +482,7 @@ class QuizRepo:
 
     async def delete_session(self, session_id: str) -> None:
         """Remove a session that was never started (e.g. its first message could not be posted)."""
-        async with self._sf() as s, s.begin():
+        async with self._write() as s:
             await s.execute(
                 delete(QuizSessionRow).where(QuizSessionRow.id == session_id, QuizSessionRow.current_index < 0)
             )

@@ -227,6 +227,19 @@ async def test_restart_resumes_or_closes_without_losing_answers(session_factory)
     assert {r.user_id for r in res.rows} == {1, 7}
 
 
+async def test_an_idle_stop_survives_a_restart_before_finish(session_factory):
+    clock = Clock()
+    old = make_service(session_factory, clock, idle_limit=1)
+    s = await old.start(guild_id=GUILD, channel_id=1, starter_id=9, questions=5)
+    await old.next_question(s.id)
+    clock.tick(30)
+    reveal = await old.reveal(s.id)
+    assert reveal.session_over and reveal.end_reason == "idle"
+    new = make_service(session_factory, clock)  # crashed before finish()
+    [r] = await new.recover()
+    assert r.action == "closed" and (r.results.status, r.results.end_reason) == ("stopped", "idle")
+
+
 async def test_wrong_answers_come_back_for_review(session_factory):
     clock = Clock()
     svc = make_service(session_factory, clock)
