@@ -202,9 +202,10 @@ class KnowledgeIndex:
     @classmethod
     def load(cls, index_dir: Path | str, *, embedding_model: str | None = None, course_id: str | None = None) -> KnowledgeIndex:
         index_dir = Path(index_dir)
-        current = index_dir / "current"
-        if not (current / "manifest.json").is_file():
+        if not (index_dir / "current" / "manifest.json").is_file():
             raise IndexMissingError(f"no search index at {index_dir}; {_rebuild_hint()}")
+        # Follow the symlink once: a build swapped in while we read must not mix two builds' files.
+        current = (index_dir / "current").resolve()
         try:
             raw = json.loads((current / "manifest.json").read_text(encoding="utf-8"))
             manifest = IndexManifest(**raw)
@@ -233,7 +234,7 @@ class KnowledgeIndex:
         if len(chunks) != manifest.chunk_count or vectors.shape != (manifest.chunk_count, manifest.dim) or dense.ntotal != len(chunks):
             raise IndexMismatchError(f"the index at {index_dir} is inconsistent; {_rebuild_hint(manifest.course_dir)}")
         idx = cls(manifest, chunks, vectors, dense, bm25)
-        idx.path = current.resolve()
+        idx.path = current
         return idx
 
 
