@@ -125,3 +125,27 @@ def test_leaderboard_on_an_unmigrated_database(tmp_path, monkeypatch):
     result = runner.invoke(quiz_app, ["leaderboard", "--guild", "42"])
     assert result.exit_code == 2
     assert "tutorbot db upgrade" in result.output
+
+
+def test_play_in_the_terminal(tiny_course):
+    from knowledge.course import load_course
+    from knowledge.quiz import QuizEngine
+
+    # the same seed draws the same order: find the right letters first
+    eng = QuizEngine(load_course(tiny_course), seed=3)
+    s = eng.start(guild_id=None, channel_id=0, starter_id=0, questions=2, seconds=60)
+    letters = [q.correct_letter for q in s.questions]
+    wrong = next(x for x in "ABC" if x != letters[1])
+    result = runner.invoke(
+        quiz_app, ["play", "--course", str(tiny_course), "-n", "2", "--seconds", "60", "--seed", "3"],
+        input=f"{letters[0].lower()}\n{wrong}\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert "Question 1/2" in result.output and f"Recorded {letters[0]}." in result.output
+    assert "Right!" in result.output and "Not quite." in result.output
+    assert "1/2 correct" in result.output
+
+
+def test_play_refuses_bad_options(tiny_course):
+    result = runner.invoke(quiz_app, ["play", "--course", str(tiny_course), "--topic", "quantum"])
+    assert result.exit_code == 1 and "No quiz questions match topic quantum" in result.output
