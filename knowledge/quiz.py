@@ -29,7 +29,7 @@ import random
 import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -1126,7 +1126,3 @@ def lint_quiz_bank(course_dir: Path | str) -> BankReport:
                 report.warnings.append(f"course: {p}")
     return report
 
-
-def with_leaderboard(results: Results, leaderboard: Sequence[LeaderboardRow]) -> Results:
-    """The results with a leaderboard attached."""
-    return replace(results, leaderboard=tuple(leaderboard))
