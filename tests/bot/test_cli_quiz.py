@@ -44,7 +44,10 @@ def test_validate_uses_the_configured_course(tiny_course, monkeypatch):
     result = runner.invoke(quiz_app, ["validate", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {
-        "questions": 2, "errors": [], "warnings": ["only 2 valid question(s); a default quiz asks 5"]}
+        "questions": 2,
+        "errors": [],
+        "warnings": ["only 2 valid question(s); a default quiz asks 5"],
+    }
 
 
 def test_validate_json_reports_errors_and_exits_non_zero(tmp_path):
@@ -86,7 +89,9 @@ def _seed_db(url: str, course_dir) -> None:
         eng = create_engine(url)
         await migrate.upgrade(eng)
         clock = Clock()
-        svc = QuizService(QuizEngine(load_course(course_dir), clock=clock, seed=1), QuizRepo(create_session_factory(eng)))
+        svc = QuizService(
+            QuizEngine(load_course(course_dir), clock=clock, seed=1), QuizRepo(create_session_factory(eng))
+        )
         s = await svc.start(guild_id=42, channel_id=1, starter_id=1, questions=2)
         while (view := await svc.next_question(s.id)) is not None:
             q = svc.engine.get(s.id).current_question
@@ -108,13 +113,21 @@ def test_leaderboard(tmp_path, tiny_course, monkeypatch):
     result = runner.invoke(quiz_app, ["leaderboard", "--guild", "42", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert [(r["rank"], r["user_id"], r["display_name"], r["quizzes"], r["correct"], r["answered"]) for r in rows] == [
-        (1, 7, "Ada", 1, 2, 2), (2, 8, "Bo [bold]", 1, 0, 2)]
+    assert [
+        (r["rank"], r["user_id"], r["display_name"], r["quizzes"], r["correct"], r["answered"]) for r in rows
+    ] == [(1, 7, "Ada", 1, 2, 2), (2, 8, "Bo [bold]", 1, 0, 2)]
     assert rows[0]["total"] == 300 and rows[0]["accuracy"] == 1.0 and rows[0]["best_streak"] == 2
-    limited = json.loads(runner.invoke(quiz_app, ["leaderboard", "--guild", "42", "--json", "--limit", "1"]).output)
+    limited = json.loads(
+        runner.invoke(quiz_app, ["leaderboard", "--guild", "42", "--json", "--limit", "1"]).output
+    )
     assert len(limited) == 1
     table = runner.invoke(quiz_app, ["leaderboard", "--guild", "42"])
-    assert table.exit_code == 0 and "Ada" in table.output and "Bo [bold]" in table.output and "300" in table.output
+    assert (
+        table.exit_code == 0
+        and "Ada" in table.output
+        and "Bo [bold]" in table.output
+        and "300" in table.output
+    )
     empty = runner.invoke(quiz_app, ["leaderboard", "--guild", "43"])
     assert empty.exit_code == 0 and "No quiz scores yet" in empty.output
     assert runner.invoke(quiz_app, ["leaderboard", "--guild", "42", "--limit", "0"]).exit_code == 2
@@ -137,7 +150,8 @@ def test_play_in_the_terminal(tiny_course):
     letters = [q.correct_letter for q in s.questions]
     wrong = next(x for x in "ABC" if x != letters[1])
     result = runner.invoke(
-        quiz_app, ["play", "--course", str(tiny_course), "-n", "2", "--seconds", "60", "--seed", "3"],
+        quiz_app,
+        ["play", "--course", str(tiny_course), "-n", "2", "--seconds", "60", "--seed", "3"],
         input=f"{letters[0].lower()}\n{wrong}\n",
     )
     assert result.exit_code == 0, result.output
