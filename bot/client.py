@@ -274,3 +274,69 @@ async def run_bot(
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+def build_quiz_service(
+    settings: Any, course: Any, session_factory: async_sessionmaker[AsyncSession]
+) -> object | None:
+    """The quiz service, once the quiz cog exists (until then /quiz is not offered)."""
+    if not all(importlib.util.find_spec(ext) for ext in QUIZ_EXTENSIONS):
+        return None
+    from knowledge.quiz import QuizEngine
+    from knowledge.quiz_service import QuizService
+    from knowledge.store.quiz_repo import QuizRepo
+
+    engine = QuizEngine(
+        course,
+        default_questions=settings.quiz_questions,
+        default_seconds=settings.quiz_seconds,
+        allow_change=settings.quiz_allow_change,
+        idle_limit=settings.quiz_idle_questions,
+    )
+    return QuizService(engine, QuizRepo(session_factory))
+
+
+async def main(settings: Any) -> int:
+    """Compose and run the Discord bot (``bot.__main__.run_discord``); returns the exit code.
+
+    Order: token present? -> database reachable and migrated? -> course, index and answer model
+    (slow: in a thread) -> quiz service -> run_bot. Each failure is one clear log line, exit 2.
+    """
+    from bot.runtime import TutorRuntime
+    from knowledge.course import CourseError
+    from knowledge.embedder import EmbedderError
+    from knowledge.index import IndexError_
+    from knowledge.store import migrate
+    from knowledge.store.db import DatabaseError, create_engine, create_session_factory, redact_url
+
+    if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
+        log.error("DISCORD_TOKEN is not set; see README 'Run it on your Discord server'.")
+        return 2
+    url = settings.resolved_database_url
+    engine = create_engine(url)
+    runtime = None
+    try:
+        try:
+            current, head = await migrate.current_revision(engine), migrate.head_revision()
+        except Exception as exc:
+            raise DatabaseError(f"cannot reach the database at {redact_url(url)}: {exc}") from None
+        if current != head:
+            log.error(
+                "the database at %s is at revision %s, not %s: run `tutorbot db upgrade`",
+                redact_url(url),
+                current,
+                head,
+            )
+            return 2
+        session_factory = create_session_factory(engine)
+        runtime = await asyncio.to_thread(TutorRuntime, settings)
+        quiz_service = build_quiz_service(settings, runtime.course, session_factory)
+        await run_bot(settings, runtime.tutor, quiz_service, session_factory, runtime)
+        return 0
+    except (TokenError, DatabaseError, CourseError, IndexError_, EmbedderError) as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        if runtime is not None:
+            runtime.close()
+        await engine.dispose()

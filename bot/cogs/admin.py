@@ -12,6 +12,7 @@ Server Settings > Integrations.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -33,24 +34,58 @@ audit = logging.getLogger("bot.audit")
 
 @runtime_checkable
 class TutorRuntime(Protocol):
-    """What the admin commands need from the running tutor (implemented in the composition root).
+    """What the admin commands need from the running tutor (``bot.runtime.TutorRuntime`` fits).
 
     The methods block (seconds to minutes) and are called in a worker thread. They swap what the
     live ``Tutor`` uses in place (a new index or answer model), so answers keep flowing meanwhile,
     and raise with a readable message when they fail (the previous index or model stays in use).
+    Return values are shown to the admin: ``reindex`` a str or the new index (its manifest's
+    chunk count is shown), ``reload_model`` a str (the model's name), ``status`` a mapping or a
+    dataclass of label -> value.
     """
 
-    def reindex(self) -> str:
-        """Rebuild the index from the course folder and switch to it; returns a one-line summary."""
-        ...
+    def reindex(self) -> object: ...
 
-    def reload_model(self) -> str:
-        """Load the current answer model from the registry; returns a one-line summary."""
-        ...
+    def reload_model(self) -> object: ...
 
-    def status(self) -> Mapping[str, object]:
-        """Label -> value rows for /tutor status: course, index size, model version, ..."""
-        ...
+    def status(self) -> object: ...
+
+
+def summarize(result: object) -> str:
+    """One line for the admin about what a runtime action returned."""
+    if result is None:
+        return ""
+    if isinstance(result, str):
+        return result
+    manifest = getattr(result, "manifest", None)
+    if manifest is not None and hasattr(manifest, "chunk_count"):
+        kind = getattr(manifest, "index_type", None)
+        return f"{manifest.chunk_count} chunks indexed" + (f" ({kind})" if kind else "") + "."
+    return str(result)
+
+
+def runtime_rows(status: object) -> dict[str, object]:
+    """``TutorRuntime.status()`` (a mapping or a dataclass) as label -> value rows."""
+    if status is None:
+        return {}
+    if dataclasses.is_dataclass(status) and not isinstance(status, type):
+        data = dataclasses.asdict(status)
+    elif isinstance(status, Mapping):
+        data = dict(status)
+    else:
+        return {"Runtime": status}
+    data.update(data.pop("extra", None) or {})
+    rows: dict[str, object] = {}
+    if "course_title" in data or "course_id" in data:
+        rows["Course"] = f"{data.pop('course_title', '?')} (`{data.pop('course_id', '?')}`)"
+    if "index_chunks" in data:
+        kind = data.pop("index_type", None)
+        rows["Index"] = f"{data.pop('index_chunks')} chunks" + (f" ({kind})" if kind else "")
+    data.pop("uptime_s", None)  # the bot reports its own uptime
+    for key, value in data.items():
+        label = key.replace("_", " ").capitalize() if key.islower() else key
+        rows[label] = value
+    return rows
 
 
 def is_admin(user: discord.abc.User, permissions: discord.Permissions, admin_role: str | None) -> bool:
@@ -113,24 +148,16 @@ class AdminCog(commands.GroupCog, group_name="tutor", group_description="Maintai
             audit.info("/tutor %s started by %s", action, _who(interaction))
             t0 = time.monotonic()
             try:
-                summary = await asyncio.to_thread(getattr(runtime, method))
+                summary = summarize(await asyncio.to_thread(getattr(runtime, method)))
             except Exception as exc:
+                # The admin gets the reason either way; an unexpected kind is also logged as a bug.
+                took = time.monotonic() - t0
                 if errors.classify(exc).level >= logging.ERROR:
-                    audit.info(
-                        "/tutor %s by %s crashed after %.1f s",
-                        action,
-                        _who(interaction),
-                        time.monotonic() - t0,
-                    )
-                    raise
-                audit.warning(
-                    "/tutor %s by %s failed after %.1f s: %s",
-                    action,
-                    _who(interaction),
-                    time.monotonic() - t0,
-                    exc,
-                )
-                await interaction.followup.send(render.notice(f"❌ `{action}` failed: {exc}"), ephemeral=True)
+                    log.error("/tutor %s by %s crashed after %.1f s", action, _who(interaction), took, exc_info=exc)
+                else:
+                    audit.warning("/tutor %s by %s failed after %.1f s: %s", action, _who(interaction), took, exc)
+                detail = str(exc).strip() or type(exc).__name__
+                await interaction.followup.send(render.notice(f"❌ `{action}` failed: {detail}"), ephemeral=True)
                 return
             took = time.monotonic() - t0
             audit.info("/tutor %s by %s done in %.1f s: %s", action, _who(interaction), took, summary)
@@ -161,7 +188,7 @@ class AdminCog(commands.GroupCog, group_name="tutor", group_description="Maintai
             rows["Course"] = f"{getattr(course, 'title', '?')} (`{getattr(course, 'id', '?')}`)"
         if bot.runtime is not None:
             try:
-                rows.update(await asyncio.to_thread(bot.runtime.status))
+                rows.update(runtime_rows(await asyncio.to_thread(bot.runtime.status)))
             except Exception as exc:
                 log.warning("runtime status failed: %s", exc)
                 rows["Runtime"] = f"unavailable ({type(exc).__name__})"

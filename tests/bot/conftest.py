@@ -79,12 +79,37 @@ def run_bot(fake_discord):
 
 
 # ----------------------------------------------------------------------------- the tutorbot under test
-class StandInTutor:
-    """STAND-IN for ``knowledge.tutor.Tutor`` (not written yet): same ``answer`` signature and
-    ``course`` attribute, canned answers citing "Basics > Pre-training". It echoes the question into
-    the answer (to prove echoed text is neutralized) and can be slowed, gated or made to fail.
+@pytest.fixture(scope="session")
+def real_runtime(tmp_path_factory):
+    """The real ``bot.runtime.TutorRuntime``: the sample course, its index built with the real
+    MiniLM, extractive answers (no answer model). Built once per test session (it is the slow part)."""
+    from bot.config import Settings
+    from bot.runtime import TutorRuntime
+    from tests.conftest import SAMPLE_COURSE
 
-    Switch the e2e tests to the real Tutor (extractive mode, MiniLM, sample course) once it lands.
+    settings = Settings(
+        _env_file=None,
+        course_dir=SAMPLE_COURSE,
+        data_dir=tmp_path_factory.mktemp("tutor-data"),
+        answer_mode="extractive",
+    )
+    runtime = TutorRuntime(settings, progress=lambda _msg: None)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
+def real_tutor(real_runtime):
+    """The real ``knowledge.tutor.Tutor`` of ``real_runtime``."""
+    return real_runtime.tutor
+
+
+class StandInTutor:
+    """A scripted tutor for fault injection: same ``answer``/``course`` surface as
+    ``knowledge.tutor.Tutor``, canned answers citing "Basics > Pre-training". It echoes the raw
+    question into the answer (the worst case for mentions: the real Tutor strips them), and can
+    be slowed, gated (a threading.Event) or made to raise. Tests of the happy path use
+    ``real_tutor``; this one serves timing, concurrency and failure cases.
     """
 
     def __init__(self, *, delay: float = 0.0, error: BaseException | None = None, gate=None) -> None:
