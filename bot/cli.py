@@ -25,6 +25,16 @@ app.add_typer(index_app, name="index")
 app.add_typer(eval_app, name="eval")
 app.add_typer(db_app, name="db")
 
+
+def _mount_optional() -> None:
+    """Sub-apps that live in their own modules (quiz, fine-tuning, models, feedback)."""
+    from bot.cli_quiz import quiz_app
+
+    app.add_typer(quiz_app, name="quiz", help="Validate the question bank, leaderboards, a terminal quiz.")
+
+
+_mount_optional()
+
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
 

@@ -65,6 +65,8 @@ MIN_COSINE = 0.31
 MIN_COSINE_WITH_KEYWORDS = 0.20
 MIN_BM25_FOR_KEYWORDS = 3.0
 GEN_PASSAGES = 3
+EXTRACT_SENTENCES = 3
+EXTRACT_MAX_CHARS = 600
 MAX_ANSWER_SENTENCES = 4
 SUPPORT_MIN = 0.6  # share of a generated sentence's content words that must appear in the passages
 
@@ -250,15 +252,27 @@ class Tutor:
             penalty = 0.3 if _HEDGED.search(s) else 0.0
             penalty += 0.3 if _SCAFFOLD.match(s) else 0.0
             scores.append(c + 0.3 * overlap - 0.05 * pi - penalty)
-        best = int(np.argmax(scores))
-        bp = cands[best][0]
-        # Up to three sentences of the best sentence's passage, in reading order, starting at the
-        # best one (passages open with their point, so the following sentences carry the detail).
+        # The passage comes from retrieval (the sentence scores are too local to choose between
+        # passages: they favour sentences repeating the question's words); the window inside it
+        # starts at its best sentence.
+        bp = cands[0][0]
         own = [i for i, c in enumerate(cands) if c[0] == bp]
-        chosen = [best] + [i for i in own if i > best and scores[i] >= scores[best] - 0.35][:2]
-        if len(chosen) == 1:
-            chosen += [i for i in own if i < best and scores[i] >= scores[best] - 0.2][-1:]
-        return " ".join(cands[i][2] for i in sorted(chosen))
+        best = max(own, key=lambda i: scores[i])
+        # A window of the best sentence's passage in reading order: course passages state their
+        # point and then its detail, so the best sentence plus what follows it reads as an answer.
+        pos = own.index(best)
+        window = own[pos:pos + EXTRACT_SENTENCES]
+        if len(window) < EXTRACT_SENTENCES and pos > 0 and scores[own[pos - 1]] > scores[best] - 0.3:
+            window = [own[pos - 1], *window]
+        text = ""
+        for i in window:
+            if text and len(text) + len(cands[i][2]) > EXTRACT_MAX_CHARS:
+                break
+            text = f"{text} {cands[i][2]}".strip()
+        heading = hits[bp].chunk.section.rsplit(" > ", 1)[-1]
+        if re.search(r"\d", heading) and heading.lower() not in text.lower():
+            text = f"{heading.rstrip('.')}. {text}"  # headings such as "Results: 90% ..." carry the numbers
+        return text
 
     @staticmethod
     def _grounded(generated: str, hits: list[Hit]) -> str | None:

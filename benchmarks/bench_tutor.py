@@ -1,0 +1,170 @@
+"""Answer quality of the tutor.
+
+1. The sample course's question set (benchmarks/data/tutor_questions.yaml): fact coverage of the
+   answers to in-course questions (each fact: any of its phrasings appears in the answer), and
+   abstention precision/recall on off-topic and hostile messages.
+2. ../shared/eval/faq (when present): mean MiniLM cosine between our answer and the FAQ's own answer
+   on a fixed sample of questions, for extractive and generative answers.
+
+    .venv/bin/python benchmarks/bench_tutor.py [--modes extractive,generative] [--faq-sample 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._report import SHARED, stamp, table, write_section  # noqa: E402
+from knowledge.course import faq_course_from_json, load_course  # noqa: E402
+from knowledge.embedder import shared_minilm  # noqa: E402
+from knowledge.index import KnowledgeIndex  # noqa: E402
+from knowledge.retriever import Retriever  # noqa: E402
+from knowledge.tutor import Tutor, Turn  # noqa: E402
+
+QUESTIONS = ROOT / "benchmarks" / "data" / "tutor_questions.yaml"
+PUBLISHED_COSINE = [("GPT-4o", 0.679), ("GPT-4o-mini", 0.680), ("GPT-3.5", 0.658)]
+
+
+def covers(answer: str, fact: list[str]) -> bool:
+    low = answer.lower()
+    return any(p.lower() in low for p in fact)
+
+
+def load_generator(data_dir: Path):
+    from finetune.base_model import ensure_base_model
+    from finetune.generator import HFGenerator
+    from knowledge.batching import BatchingGenerator
+
+    return BatchingGenerator(HFGenerator(ensure_base_model(data_dir)), max_batch=8)
+
+
+def question_set(tutor: Tutor, data: dict, workers: int) -> dict:
+    qs, off = data["questions"], data["offtopic"]
+
+    def ask(q):
+        hist = [Turn(t["role"], t["content"]) for t in q.get("history") or []]
+        return tutor.answer(q["question"], history=hist)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        answers = list(pool.map(ask, qs))
+        off_answers = list(pool.map(lambda o: tutor.answer(o["message"]), off))
+    wall = time.perf_counter() - t0
+    full = sum(all(covers(a.text, f) for f in q["facts"]) and a.answered for q, a in zip(qs, answers, strict=True))
+    facts_total = sum(len(q["facts"]) for q in qs)
+    facts_hit = sum(covers(a.text, f) for q, a in zip(qs, answers, strict=True) for f in q["facts"] if a.answered)
+    declined_in = sum(not a.answered for a in answers)
+    declined_off = sum(not a.answered for a in off_answers)
+    declined = declined_in + declined_off
+    misses = [(q["id"], q["question"], a.text[:160]) for q, a in zip(qs, answers, strict=True)
+              if not (a.answered and all(covers(a.text, f) for f in q["facts"]))]
+    lat = [a.latency_ms for a in answers]
+    return {
+        "n": len(qs), "n_off": len(off), "full": full, "facts_hit": facts_hit, "facts_total": facts_total,
+        "abst_precision": declined_off / declined if declined else 1.0,
+        "abst_recall": declined_off / len(off), "declined_in": declined_in,
+        "gen_share": sum(a.mode == "generative" for a in answers) / len(answers),
+        "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)), "wall": wall, "misses": misses,
+    }
+
+
+def faq_cosine(modes: list[str], sample: int, data_dir: Path, gen) -> dict:
+    import json
+
+    docs = SHARED / "eval" / "faq" / "documents-with-ids.json"
+    if not docs.exists():
+        return {}
+    records = json.loads(docs.read_text(encoding="utf-8"))
+    course = faq_course_from_json(docs)
+    emb = shared_minilm()
+    idx = KnowledgeIndex.build(course, emb)
+    retr = Retriever(idx, emb)
+    import csv
+
+    with open(SHARED / "eval" / "faq" / "ground-truth-data.csv", encoding="utf-8") as f:
+        gt = list(csv.DictReader(f))
+    rng = random.Random(42)
+    picked = rng.sample(gt, sample)
+    answer_of = {}
+    for r in records:
+        answer_of.setdefault(r["id"], r["text"])
+    refs = emb.encode([answer_of[g["document"]] for g in picked])
+    out = {}
+    for mode in modes:
+        tutor = Tutor(course, retr, gen if mode == "generative" else None, mode=mode, min_cosine=-1.0)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda g: tutor.answer(g["question"]), picked))
+        wall = time.perf_counter() - t0
+        vecs = emb.encode([a.text for a in answers])
+        cos = (vecs * refs).sum(1)
+        out[mode] = {"cosine": float(cos.mean()), "wall": wall,
+                     "gen_share": sum(a.mode == "generative" for a in answers) / len(answers)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--modes", default="extractive,generative")
+    ap.add_argument("--faq-sample", type=int, default=300)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--show-misses", action="store_true")
+    args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    data = yaml.safe_load(QUESTIONS.read_text(encoding="utf-8"))
+    course = load_course(ROOT / "courses" / "pretraining-finetuning")
+    emb = shared_minilm()
+    retr = Retriever(KnowledgeIndex.build(course, emb), emb)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = ROOT / "data"
+        gen = load_generator(data_dir) if "generative" in modes else None
+        results = {}
+        for mode in modes:
+            tutor = Tutor(course, retr, gen if mode == "generative" else None, mode=mode)
+            results[mode] = question_set(tutor, data, workers=8)
+            if args.show_misses:
+                for m in results[mode]["misses"]:
+                    print(mode, *m, sep=" | ")
+        faq = faq_cosine(modes, args.faq_sample, Path(tmp), gen) if args.faq_sample else {}
+    rows = []
+    for mode, r in results.items():
+        rows.append([mode, f"{r['full']}/{r['n']} ({r['full'] / r['n']:.0%})", f"{r['facts_hit']}/{r['facts_total']}",
+                     f"{r['abst_precision']:.2f}", f"{r['abst_recall']:.2f} ({r['n_off']} messages)",
+                     r["declined_in"], f"{r['gen_share']:.0%}", f"{r['p50']:.0f} / {r['p95']:.0f}"])
+    lines = [
+        "## Tutor answer quality",
+        "",
+        "`.venv/bin/python benchmarks/bench_tutor.py`: the sample course's question set "
+        f"({len(data['questions'])} student questions with the facts an answer must contain, "
+        f"{len(data['offtopic'])} off-topic or hostile messages), 8 questions at a time.",
+        "",
+        stamp(),
+        "",
+        table(["mode", "answers with all facts", "facts covered", "abstention precision", "abstention recall",
+               "in-course declined", "generated (rest extracted)", "latency p50 / p95 ms"], rows),
+    ]
+    if faq:
+        lines += ["", f"FAQ answer similarity (mean MiniLM cosine to the FAQ's own answer, fixed sample of "
+                      f"{args.faq_sample} questions, seed 42):", ""]
+        frows = [[f"tutorbot {m}", f"{v['cosine']:.3f}", f"{v['gen_share']:.0%}"] for m, v in faq.items()]
+        frows += [[f"published: {n}", f"{c:.3f}", ""] for n, c in PUBLISHED_COSINE]
+        lines.append(table(["system", "mean cosine", "generated"], frows))
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        write_section("tutor", body)
+
+
+if __name__ == "__main__":
+    main()
