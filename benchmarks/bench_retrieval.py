@@ -20,12 +20,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import SHARED, rss_mb, stamp, table, write_section  # noqa: E402
-from knowledge.course import faq_course_from_json  # noqa: E402
-from knowledge.embedder import shared_minilm  # noqa: E402
-from knowledge.evaluation import load_ground_truth, rank_metrics  # noqa: E402
-from knowledge.index import KnowledgeIndex  # noqa: E402
-from knowledge.retriever import Retriever  # noqa: E402
+from benchmarks._report import SHARED, rss_mb, stamp, table, write_section
+from knowledge.course import faq_course_from_json
+from knowledge.embedder import shared_minilm
+from knowledge.evaluation import load_ground_truth, rank_metrics
+from knowledge.index import KnowledgeIndex
+from knowledge.retriever import Retriever
 
 PUBLISHED = [
     ("Elasticsearch (text)", 0.740, 0.603),

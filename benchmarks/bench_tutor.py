@@ -30,7 +30,7 @@ from knowledge.course import faq_course_from_json, load_course  # noqa: E402
 from knowledge.embedder import shared_minilm  # noqa: E402
 from knowledge.index import KnowledgeIndex  # noqa: E402
 from knowledge.retriever import Retriever  # noqa: E402
-from knowledge.tutor import Tutor, Turn  # noqa: E402
+from knowledge.tutor import Turn, Tutor  # noqa: E402
 
 QUESTIONS = ROOT / "benchmarks" / "data" / "tutor_questions.yaml"
 PUBLISHED_COSINE = [("GPT-4o", 0.679), ("GPT-4o-mini", 0.680), ("GPT-3.5", 0.658)]
@@ -105,7 +105,7 @@ def faq_cosine(modes: list[str], sample: int, data_dir: Path, gen) -> dict:
         tutor = Tutor(course, retr, gen if mode == "generative" else None, mode=mode, min_cosine=-1.0)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=8) as pool:
-            answers = list(pool.map(lambda g: tutor.answer(g["question"]), picked))
+            answers = list(pool.map(lambda g, t=tutor: t.answer(g["question"]), picked))
         wall = time.perf_counter() - t0
         vecs = emb.encode([a.text for a in answers])
         cos = (vecs * refs).sum(1)
