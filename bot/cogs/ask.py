@@ -1,8 +1,9 @@
 """Students ask: ``/ask question [private]``, a mention of the bot, or a direct message.
 
 Each path is the same pipeline: rate limit (before anything slow) -> visible "thinking" (the
-interaction is deferred well within Discord's 3 s, or the channel shows typing) -> the tutor
-answers off the event loop under the concurrency cap -> the Q/A/sources/latency are stored ->
+interaction is deferred well within Discord's 3 s, or the channel shows typing) -> the student's
+recent exchanges in that channel (15 min) as history -> the tutor answers off the event loop
+under the concurrency cap -> the Q/A/sources/latency are stored ->
 the answer is rendered and sent with 👍/👎 buttons. If storing fails (database down) the student
 still gets the answer, with a note that feedback is off for it.
 """
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import discord
@@ -25,12 +27,15 @@ from bot.ratelimit import friendly_message
 from bot.views.feedback import feedback_view
 from knowledge.store.db import DatabaseError
 from knowledge.store.qa_repo import GuildConfig
+from knowledge.tutor import Turn
 
 if TYPE_CHECKING:
     from bot.client import TutorBot
 
 log = logging.getLogger(__name__)
 MAX_QUESTION = 4000  # Discord allows 6000 in an option; the tutor truncates beyond its own limit
+HISTORY_WINDOW = timedelta(minutes=15)  # earlier exchanges than this don't make a conversation
+HISTORY_EXCHANGES = 3
 
 
 def strip_bot_mention(content: str, bot_id: int) -> str:
@@ -79,6 +84,18 @@ class AskCog(commands.Cog):
             return None, (errors.ANSWER_NOT_SAVED,)
         return answer_id, ()
 
+    async def _history(self, user_id: int, channel_id: int | None) -> list[Turn]:
+        """The student's recent exchanges here, so "and why is that?" follows on (empty if none,
+        or if the database is down)."""
+        since = datetime.now(UTC) - HISTORY_WINDOW
+        try:
+            return await self.bot.qa.recent_turns(
+                user_id=user_id, channel_id=channel_id, since=since, limit=HISTORY_EXCHANGES
+            )
+        except DatabaseError as exc:
+            log.warning("no conversation history for user %s (database unavailable): %s", user_id, exc)
+            return []
+
     # ------------------------------------------------------------------ /ask
     @app_commands.command(name="ask", description="Ask the course tutor a question")
     @app_commands.describe(
@@ -108,7 +125,8 @@ class AskCog(commands.Cog):
             return
         async with bot.runner.job():
             await interaction.response.defer(thinking=True, ephemeral=private)
-            timed = await bot.runner.answer(question)
+            history = await self._history(interaction.user.id, interaction.channel_id)
+            timed = await bot.runner.answer(question, history=history)
             answer_id, notes = await self._store(
                 timed,
                 guild_id=interaction.guild_id,
@@ -185,7 +203,8 @@ class AskCog(commands.Cog):
         try:
             async with bot.runner.job():
                 async with typing_in(message.channel):
-                    timed = await bot.runner.answer(question[:MAX_QUESTION])
+                    history = await self._history(message.author.id, message.channel.id)
+                    timed = await bot.runner.answer(question[:MAX_QUESTION], history=history)
                 answer_id, notes = await self._store(
                     timed,
                     guild_id=message.guild.id if message.guild else None,

@@ -13,6 +13,7 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import exc as sa_exc
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from knowledge.store.db import DatabaseError
 from knowledge.store.qa_models import AnswerLog, Feedback, GuildSettings
-from knowledge.tutor import Answer
+from knowledge.tutor import Answer, Turn
 
 FeedbackStatus = Literal["pending", "approved", "corrected", "rejected"]
 EXCERPT_CHARS = 500
@@ -155,6 +156,27 @@ class QARepository:
             stmt = stmt.where(AnswerLog.guild_id == guild_id)
         async with self._session() as s:
             return list((await s.scalars(stmt)).all())
+
+    async def recent_turns(
+        self, *, user_id: int, channel_id: int | None, since: datetime, limit: int = 3
+    ) -> list[Turn]:
+        """The student's last ``limit`` exchanges in this channel since ``since``, oldest first, as
+        conversation turns (a follow-up like "and why?" is then understood in context)."""
+        stmt = (
+            select(AnswerLog.question, AnswerLog.answer)
+            .where(AnswerLog.user_id == user_id, AnswerLog.created_at >= since)
+            .order_by(AnswerLog.id.desc())
+            .limit(limit)
+        )
+        stmt = stmt.where(
+            AnswerLog.channel_id.is_(None) if channel_id is None else AnswerLog.channel_id == channel_id
+        )
+        async with self._session() as s:
+            rows = (await s.execute(stmt)).all()
+        turns: list[Turn] = []
+        for question, answer in reversed(rows):
+            turns += [Turn("user", question), Turn("assistant", answer)]
+        return turns
 
     async def count_answers(self) -> int:
         async with self._session() as s:

@@ -121,6 +121,7 @@ class StandInTutor:
         self.error = error
         self.gate = gate  # a threading.Event the answer waits for
         self.questions: list[str] = []
+        self.histories: list[tuple] = []  # the history passed with each question
         self.active = 0
         self.max_active = 0
         self._lock = threading.Lock()
@@ -132,6 +133,7 @@ class StandInTutor:
 
         with self._lock:
             self.questions.append(question)
+            self.histories.append(tuple(history))
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:

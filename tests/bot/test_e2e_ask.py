@@ -179,6 +179,20 @@ async def test_concurrent_generations_are_capped_and_queued(
     assert sorted(tutor.questions) == [f"q{i}" for i in range(5)]
 
 
+async def test_recent_exchanges_are_passed_as_history(fake_discord, run_bot, make_tutor_bot):
+    tutor = StandInTutor()
+    async with run_bot(make_tutor_bot(tutor=tutor)):
+        await (await fake_discord.slash("ask", question="What is pre-training?", user="alice")).reply()
+        await (await fake_discord.slash("ask", question="and why is that useful?", user="alice")).reply()
+        await (await fake_discord.slash("ask", question="unrelated", user="bob")).reply()
+        await (await fake_discord.slash("ask", question="elsewhere", user="alice", channel="quiz")).reply()
+    assert tutor.histories[0] == ()
+    first, reply = tutor.histories[1]
+    assert (first.role, first.content) == ("user", "What is pre-training?")
+    assert reply.role == "assistant" and reply.content.startswith("Pre-training teaches")
+    assert tutor.histories[2] == () and tutor.histories[3] == ()  # other student; other channel
+
+
 # ------------------------------------------------------------------------------------------ feedback
 async def test_feedback_votes_and_comment_are_stored_and_survive_a_restart(
     fake_discord, run_bot, make_tutor_bot, bot_session_factory, real_tutor
@@ -297,6 +311,25 @@ async def test_minimum_intents_are_identified(fake_discord, run_bot, make_tutor_
     assert ident["intents"] == discord.Intents(guilds=True).value
 
 
+async def test_shards_split_guilds_and_keep_serving(fake_discord, run_bot, make_tutor_bot, make_settings):
+    bot = make_tutor_bot(settings=make_settings(shard_count=2))
+
+    async def no_identify_wait(shard_id, *, initial=False):  # Discord's 5 s between IDENTIFYs
+        return None
+
+    bot.before_identify_hook = no_identify_wait
+    async with run_bot(bot):
+        await fake_discord.wait_for_identify(2)
+        assert sorted(tuple(i["shard"]) for i in fake_discord.identifies) == [(0, 2), (1, 2)]
+        guild = bot.get_guild(fake_discord.guild.id)
+        assert guild is not None and guild.shard_id == (fake_discord.guild.id >> 22) % 2
+        assert (await (await fake_discord.slash("ask", question="q")).reply())["embeds"]
+        # a gateway drop: the shards resume and the bot keeps answering
+        await fake_discord.disconnect()
+        await asyncio.sleep(0.3)
+        assert (await (await fake_discord.slash("ask", question="after a drop")).reply(timeout=10))["embeds"]
+
+
 async def test_commands_sync_to_the_dev_guild(fake_discord, run_bot, make_tutor_bot, make_settings):
     settings = make_settings(dev_guild_id=fake_discord.guild.id)
     async with run_bot(make_tutor_bot(settings=settings)):
@@ -393,6 +426,12 @@ async def test_discord_429_is_retried_and_the_bot_keeps_serving(fake_discord, ru
         assert (await msg.reply()).json["embeds"]
         again = await fake_discord.slash("ask", question="q3")
         assert (await again.reply())["embeds"]
+
+        # a 500 is retried by discord.py after a second; the follow-up still arrives
+        fake_discord.fail("POST", r"^/webhooks/\d+/[^/]+$", 500)
+        late = await fake_discord.slash("ask", question="q4")
+        assert (await late.reply(timeout=10))["embeds"]
+        assert [r.status for r in late.requests() if r.path.startswith("/webhooks/")] == [500, 200]
 
 
 async def test_missing_permissions_are_respected_and_the_bot_keeps_serving(

@@ -111,6 +111,29 @@ async def test_review_and_listing_for_finetuning(repo):
     assert (await repo.record_vote(a1, ALICE, 1)).status == "pending"
 
 
+async def test_recent_turns_for_follow_up_questions(repo):
+    from datetime import UTC, datetime, timedelta
+
+    from knowledge.tutor import Turn
+
+    start = datetime.now(UTC) - timedelta(seconds=5)
+    for q in ("q1", "q2", "q3", "q4"):
+        await log(repo, make_answer(q))
+    await log(repo, make_answer("elsewhere"), channel_id=CHANNEL + 1)
+    await log(repo, make_answer("someone else"), user_id=BOB)
+    await log(repo, make_answer("in a DM"), guild_id=None, channel_id=None)
+    turns = await repo.recent_turns(user_id=ALICE, channel_id=CHANNEL, since=start, limit=2)
+    assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert [t.content for t in turns if t.role == "user"] == ["q3", "q4"]
+    assert isinstance(turns[0], Turn) and turns[1].content.startswith("LoRA trains")
+    dm = await repo.recent_turns(user_id=ALICE, channel_id=None, since=start)
+    assert [t.content for t in dm if t.role == "user"] == ["in a DM"]
+    assert (
+        await repo.recent_turns(user_id=ALICE, channel_id=CHANNEL, since=datetime.now(UTC) + timedelta(1))
+        == []
+    )
+
+
 async def test_latency_percentiles(repo):
     empty = await repo.latency_stats()
     assert empty.count == 0 and empty.p50_ms is None
