@@ -124,6 +124,9 @@ async def test_slash_reply_button_click_and_deferred_followup(fake_discord, run_
         assert upd.json["type"] == 7
         assert fake_discord.components_of(fake_discord.message(it.original_id))[0]["custom_id"] == "count:1"
 
+        general = fake_discord.messages_in("general")
+        assert [m["content"] for m in general] == ["HELLO ADA"]
+
         slow = await fake_discord.slash("slow")
         assert (await slow.callback()).json["type"] == 5
         reply = await slow.reply()

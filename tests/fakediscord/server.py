@@ -1168,6 +1168,11 @@ class FakeDiscord:
         except KeyError:
             raise KeyError(f"the bot never sent message {mid} (or it was deleted)") from None
 
+    def messages_in(self, channel: FakeChannel | str | int) -> list[dict]:
+        """The bot's messages in a channel as they are now (edits applied, deleted ones gone), oldest first."""
+        cid = str(self.channel(channel).id)
+        return [m for _, m in sorted(self.messages.items()) if m["channel_id"] == cid]
+
     @staticmethod
     def components_of(message: dict) -> list[dict]:
         """Every interactive component in a message, flattened out of rows and containers."""
@@ -1215,10 +1220,14 @@ class FakeDiscord:
         msg = self.message(message)
         if custom_id is None:
             custom_id = self.find_button(msg, label=label, emoji=emoji)["custom_id"]
-        elif check and not any(c.get("custom_id") == custom_id for c in self.components_of(msg)):
-            raise LookupError(
-                f"message {msg['id']} has no component {custom_id!r}: {self.components_of(msg)}"
-            )
+        if check:
+            comp = next((c for c in self.components_of(msg) if c.get("custom_id") == custom_id), None)
+            if comp is None:
+                raise LookupError(
+                    f"message {msg['id']} has no component {custom_id!r}: {self.components_of(msg)}"
+                )
+            if comp.get("disabled"):
+                raise LookupError(f"button {custom_id!r} is disabled: Discord would not send this click")
         ch = self.channel(int(msg["channel_id"]))
         start = self.mark()
         it = self._interaction_payload(3, {"custom_id": custom_id, "component_type": 2}, u, ch, message=msg)
