@@ -23,7 +23,7 @@ from discord.ext import commands
 
 from bot import errors, render
 from bot.answering import TimedAnswer
-from bot.ratelimit import friendly_message
+from bot.ratelimit import SlidingWindow, friendly_message
 from bot.views.feedback import feedback_view
 from knowledge.store.db import DatabaseError
 from knowledge.store.qa_repo import GuildConfig
@@ -62,6 +62,7 @@ async def typing_in(channel: discord.abc.Messageable) -> AsyncIterator[None]:
 class AskCog(commands.Cog):
     def __init__(self, bot: TutorBot) -> None:
         self.bot = bot
+        self._told_to_wait = SlidingWindow(1, bot.settings.rate_window_s)
 
     # ------------------------------------------------------------------ shared steps
     async def _store(
@@ -186,9 +187,12 @@ class AskCog(commands.Cog):
                 return
             question = strip_bot_mention(message.content, bot.user.id)
         if not question:
-            await self._notice(
-                message, "Ask me something after the mention, e.g. *what is fine-tuning?*, or use `/ask`."
+            hint = (
+                "Ask me something after the mention"
+                if message.guild
+                else "Ask me a question about the course"
             )
+            await self._notice(message, f"{hint}, e.g. *what is fine-tuning?*, or use `/ask`.")
             return
         decision = bot.limiter.check(message.author.id, message.channel.id)
         if not decision.allowed:
@@ -198,7 +202,10 @@ class AskCog(commands.Cog):
                 message.channel.id,
                 decision.scope,
             )
-            await self._notice(message, friendly_message(decision))
+            # Say it once per window: a student spamming mentions must not make the bot spam the channel.
+            if self._told_to_wait.retry_after(message.author.id) == 0:
+                self._told_to_wait.record(message.author.id)
+                await self._notice(message, friendly_message(decision))
             return
         try:
             async with bot.runner.job():

@@ -158,6 +158,8 @@ async def test_rate_limit_gives_a_friendly_wait_message(fake_discord, run_bot, m
         # mentions count too, and get the message as a reply
         msg = await fake_discord.send_message(f"{fake_discord.bot_user.mention} seven", user="alice")
         assert "try again in" in (await msg.reply()).json["content"]
+        spam = await fake_discord.send_message(f"{fake_discord.bot_user.mention} eight", user="alice")
+        await fake_discord.assert_no_request("POST", r"/messages$", after=spam.start)  # told once is enough
     assert tutor.questions == ["one", "two", "four", "six"]
 
 
