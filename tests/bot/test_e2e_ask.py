@@ -299,10 +299,14 @@ async def test_mention_answering_follows_guild_config(fake_discord, run_bot, mak
     assert tutor.questions == ["q2", "q4"]
 
 
-async def test_minimum_intents_are_identified(fake_discord, run_bot, make_tutor_bot, make_settings):
+async def test_minimum_intents_are_identified(fake_discord, run_bot, make_tutor_bot, make_settings, caplog):
+    caplog.set_level(logging.DEBUG)
     privileged = discord.Intents(members=True, presences=True, message_content=True).value
     async with run_bot(make_tutor_bot()):
         ident = await fake_discord.wait_for_identify()
+        await (await fake_discord.slash("ask", question="q")).reply()
+    assert ident["token"] == fake_discord.token
+    assert not any(fake_discord.token in r.getMessage() for r in caplog.records)  # even at DEBUG
     assert ident["intents"] == discord.Intents(guilds=True, guild_messages=True, dm_messages=True).value
     assert ident["intents"] & privileged == 0
     assert ident["shard"] == [0, 1]
