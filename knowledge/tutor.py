@@ -72,7 +72,8 @@ MAX_ANSWER_SENTENCES = 4
 SUPPORT_MIN = 0.6  # share of a generated sentence's content words that must appear in the passages
 
 _ZERO_WIDTH = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
-_MENTION = re.compile(r"<@[!&]?\d+>|<#\d+>|@(?:everyone|here)\b", re.IGNORECASE)
+# No \b after everyone/here: Discord pings "@here_" and "@everyone's" too.
+_MENTION = re.compile(r"<@[!&]?\d+>|<#\d+>|@(?:everyone|here)", re.IGNORECASE)
 _CODE_FENCE = re.compile(r"```(?:\w+\n)?(.*?)```", re.DOTALL)
 _INJECTION = re.compile(
     r"\b(ignore|disregard|forget)\b.{0,40}\b(instructions?|rules|prompt|above|previous)\b"
@@ -285,7 +286,7 @@ class Tutor:
     @staticmethod
     def _grounded(generated: str, hits: list[Hit]) -> str | None:
         """Keep the generated sentences whose content words (and numbers) appear in the passages."""
-        text = " ".join((generated or "").split())
+        text = " ".join(_MENTION.sub(" ", generated or "").split())  # a model's words never ping
         if not text or _NOT_COVERED.search(text):
             return None
         passage_text = " ".join(h.chunk.text for h in hits[:GEN_PASSAGES])
