@@ -783,3 +783,37 @@ def test_topic_choices():
         "lora, fine-tuning",
         "lora, transfer-learning",
     ]
+
+
+async def test_a_review_interrupted_by_a_restart_is_scored(
+    fake_discord, run_bot, make_tutor_bot, make_service, clock, bot_session_factory
+):
+    """A review lives in ephemeral messages that a new process cannot reach: recovery finishes it,
+    so its answers count and the question moves up a Leitner box."""
+    first = make_service()
+    async with run_bot(make_tutor_bot(quiz_service=first)):
+        await fake_discord.slash("quiz start", questions=1, difficulty="medium", user="alice")
+        q = await posted(fake_discord, "Question 1/1")
+        sid = session_id_of(q.json)
+        await click(fake_discord, fake_discord.message(q.response), sid, 0, wrong(first, sid, 0), "bob")
+        clock.tick(30)
+        await posted(fake_discord, "Quiz results")
+        clock.tick(timedelta(days=2).total_seconds())
+        review = await fake_discord.slash("quiz review", user="bob")
+        rq = await posted(fake_discord, "Review question 1/1", path=rf"^/webhooks/\d+/{re.escape(review.token)}$")
+        rsid = session_id_of(rq.json)
+        await click(fake_discord, fake_discord.message(rq.response), rsid, 0, correct(first, rsid, 0), "bob")
+    second = make_service()
+    async with run_bot(make_tutor_bot(quiz_service=second)):
+        for _ in range(100):
+            async with bot_session_factory() as s:
+                status = await s.scalar(select(QuizSessionRow.status).where(QuizSessionRow.id == rsid))
+            if status != "open":
+                break
+            await asyncio.sleep(0.02)
+        assert status == "finished"
+        stats = await fake_discord.slash("quiz stats", user="bob")
+        text = all_text(await stats.reply())
+        assert "1/2" in text and "None due right now" in text  # box 2: due again in 3 days
+    (item,) = await second.repo.review_items(fake_discord.users["bob"].id)
+    assert item.box == 2
