@@ -198,7 +198,7 @@ class QuizCog(commands.Cog):
                     log.info("review quiz %s of user %s closed after a restart", s.id, s.starter_id)
                 continue
             if r.action == "resumed":
-                run = self._new_run(
+                run = QuizRun(
                     session_id=s.id,
                     kind="channel",
                     guild_id=s.guild_id,
@@ -243,9 +243,6 @@ class QuizCog(commands.Cog):
         return self.bot.get_partial_messageable(channel_id, guild_id=guild_id)
 
     # ------------------------------------------------------------------ runs
-    def _new_run(self, **kw: Any) -> QuizRun:
-        return QuizRun(**kw)
-
     def _start_run(self, run: QuizRun, *, first: QuestionView | None = None, resumed: bool = False) -> None:
         self.runs[run.session_id] = run
         run.task = asyncio.create_task(self._run(run, first, resumed), name=f"quiz-{run.session_id}")
@@ -255,11 +252,6 @@ class QuizCog(commands.Cog):
             if run.kind == "channel" and run.channel_id == channel_id:
                 return run
         return None
-
-    def wake_all(self) -> None:
-        """Make every run look at the clock now (tests moving a manual clock; nothing else needs it)."""
-        for run in self.runs.values():
-            run.wake.set()
 
     async def _sleep_until(self, run: QuizRun, when: datetime) -> None:
         """Sleep until ``when`` on the service's clock (or until woken)."""
@@ -494,7 +486,7 @@ class QuizCog(commands.Cog):
         except QuizError as exc:
             await self._refuse(interaction, str(exc))
             return
-        run = self._new_run(
+        run = QuizRun(
             session_id=session.id,
             kind="channel",
             guild_id=session.guild_id,
@@ -652,7 +644,7 @@ class QuizCog(commands.Cog):
         except QuizError as exc:
             await self._refuse(interaction, str(exc))
             return
-        run = self._new_run(
+        run = QuizRun(
             session_id=session.id,
             kind="review",
             guild_id=interaction.guild_id,

@@ -800,7 +800,9 @@ async def test_a_review_interrupted_by_a_restart_is_scored(
         await posted(fake_discord, "Quiz results")
         clock.tick(timedelta(days=2).total_seconds())
         review = await fake_discord.slash("quiz review", user="bob")
-        rq = await posted(fake_discord, "Review question 1/1", path=rf"^/webhooks/\d+/{re.escape(review.token)}$")
+        rq = await posted(
+            fake_discord, "Review question 1/1", path=rf"^/webhooks/\d+/{re.escape(review.token)}$"
+        )
         rsid = session_id_of(rq.json)
         await click(fake_discord, fake_discord.message(rq.response), rsid, 0, correct(first, rsid, 0), "bob")
     second = make_service()
