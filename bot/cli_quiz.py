@@ -123,9 +123,13 @@ def play(
     seed: int | None = typer.Option(None, "--seed", help="Seed for a reproducible draw."),
 ) -> None:
     """Play a quiz in the terminal (same engine and rules as on Discord; nothing is stored)."""
+    import sys
+
+    from rich.console import Console
+
     from bot.config import Settings
+    from bot.terminal import run_quiz
     from knowledge.course import CourseError, load_course
-    from knowledge.quiz import QuizEngine, QuizError
 
     settings = Settings()
     try:
@@ -133,42 +137,9 @@ def play(
     except CourseError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
-    engine = QuizEngine(
-        loaded, seed=seed, default_questions=settings.quiz_questions, default_seconds=settings.quiz_seconds,
-        allow_change=settings.quiz_allow_change, idle_limit=settings.quiz_idle_questions,
-    )
-    try:
-        session = engine.start(guild_id=None, channel_id=0, starter_id=0, questions=questions, seconds=seconds,
-                               difficulty=difficulty, tags=topic)
-    except QuizError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"{loaded.title}: {session.total} question(s), {session.seconds} s each. "
-               "Type a letter; Enter skips.\n")
-    while (view := engine.open_next(session.id)) is not None:
-        typer.echo(f"Question {view.number}/{view.total} ({view.difficulty}, {view.topic})\n{view.text}")
-        for letter, text in view.choices:
-            typer.echo(f"  {letter}) {text}")
-        raw = typer.prompt("Answer", default="", show_default=False).strip().upper()
-        if raw:
-            try:
-                typer.echo(engine.answer(session.id, view.position, raw[:1], 0, "you").message)
-            except QuizError as exc:
-                typer.echo(str(exc))
-        reveal = engine.reveal(session.id)
-        mine = session.questions[view.position].answers.get(0)
-        verdict = "Right!" if mine and mine.correct else "Not quite." if mine else "Skipped."
-        typer.echo(f"{verdict} {reveal.correct_letter}) {reveal.correct_text}\n{reveal.explanation}")
-        for m in reveal.common_mistakes:
-            typer.echo(f"  common mistake: {m}")
-        typer.echo("")
-        if reveal.end_reason == "idle":
-            typer.echo("No answers for a while: the quiz stopped.")
-            break
-    engine.finish(session.id)
-    row = next(iter(engine.results(session.id).rows), None)
-    if row is None:
-        typer.echo("No answers given.")
-    else:
-        typer.echo(f"Score: {row.points} points, {row.correct}/{row.asked} correct, "
-                   f"{row.avg_seconds:.1f} s per question on average.")
+    if difficulty is not None and difficulty not in ("easy", "medium", "hard"):
+        typer.echo(f"--difficulty must be easy, medium or hard, not {difficulty!r}", err=True)
+        raise typer.Exit(2)
+    if not run_quiz(loaded, Console(highlight=False), sys.stdin.isatty(), questions, seconds=seconds,
+                    difficulty=difficulty, topics=tuple(topic), seed=seed, settings=settings):
+        raise typer.Exit(1)

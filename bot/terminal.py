@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import sys
 
 from rich.console import Console
@@ -13,7 +12,6 @@ HELP = """Ask any question about the course and press Enter.
   /quiz [N]   a short quiz from the course's question bank (default 5 questions)
   /help       this help
   /quit       leave (Ctrl-D works too)"""
-LETTERS = "ABCDEF"
 
 
 def _read(prompt: str, interactive: bool, out: Console) -> str | None:
@@ -26,39 +24,68 @@ def _read(prompt: str, interactive: bool, out: Console) -> str | None:
         return None
 
 
-def run_quiz(course, out: Console, interactive: bool, n: int = 5, rng: random.Random | None = None) -> None:
-    rng = rng or random.Random()
-    bank = list(course.quizzes)
-    if not bank:
-        out.print("This course has no quiz questions.")
-        return
-    qs = rng.sample(bank, min(n, len(bank)))
-    score = 0
-    for i, q in enumerate(qs, 1):
-        order = list(range(len(q.choices)))
-        rng.shuffle(order)
-        out.print(f"\n[bold]Question {i}/{len(qs)}[/] ({q.difficulty})  {q.question}", highlight=False)
-        for letter, ci in zip(LETTERS, order, strict=False):
-            out.print(f"  {letter}) {q.choices[ci]}", highlight=False)
-        right = LETTERS[order.index(q.answer_index)]
+def run_quiz(
+    course, out: Console, interactive: bool, n: int | None = None, *, seconds: int | None = None,
+    difficulty: str | None = None, topics: tuple[str, ...] = (), seed: int | None = None, settings=None,
+) -> bool:
+    """A quiz in the terminal on the same engine and rules as on Discord (nothing is stored).
+    Returns False when no quiz could start (e.g. no question matches the filters)."""
+    from knowledge.quiz import QuizEngine, QuizError
+
+    opts = {}
+    if settings is not None:
+        opts = dict(default_questions=settings.quiz_questions, default_seconds=settings.quiz_seconds,
+                    allow_change=settings.quiz_allow_change, idle_limit=settings.quiz_idle_questions)
+    engine = QuizEngine(course, seed=seed, **opts)
+    try:
+        session = engine.start(guild_id=None, channel_id=0, starter_id=0, questions=n, seconds=seconds,
+                               difficulty=difficulty, tags=topics)
+    except QuizError as exc:
+        out.print(str(exc), highlight=False)
+        return False
+    out.print(f"{course.title}: {session.total} question(s). Answer with a letter; Enter skips, q stops.")
+    while (view := engine.open_next(session.id)) is not None:
+        out.print(f"\n[bold]Question {view.number}/{view.total}[/] ({view.difficulty}, {view.topic})", highlight=False)
+        out.print(view.text, highlight=False, markup=False)
+        for letter, text in view.choices:
+            out.print(f"  {letter}) {text}", highlight=False, markup=False)
+        letters = [letter for letter, _ in view.choices]
         while True:
-            reply = _read("Your answer (letter, or q to stop): ", interactive, out)
-            if reply is None or reply.strip().lower() == "q":
-                out.print(f"Quiz stopped. Score: {score}/{i - 1}")
-                return
-            pick = reply.strip().upper()[:1]
-            if pick and pick in LETTERS[: len(q.choices)]:
+            reply = _read("Your answer: ", interactive, out)
+            pick = (reply or "").strip().upper()[:1]
+            if reply is None or pick == "Q":
+                engine.stop(session.id, 0)
                 break
-            out.print(f"Please answer with a letter from A to {LETTERS[len(q.choices) - 1]}.")
-        if pick == right:
-            score += 1
-            out.print("[green]Correct![/]")
-        else:
-            out.print(f"[red]Not quite.[/] The answer is {right}) {q.answer}", highlight=False)
-        out.print(f"[dim]{q.explanation}[/]", highlight=False)
-        if pick != right and q.common_mistakes:
-            out.print(f"[dim]Common mistake: {q.common_mistakes[0]}[/]", highlight=False)
-    out.print(f"\n[bold]Score: {score}/{len(qs)}[/]")
+            if not pick or pick in letters:
+                break
+            out.print(f"Please answer with a letter from {letters[0]} to {letters[-1]}.")
+        if reply is None or pick == "Q":
+            break
+        if pick:
+            try:
+                engine.answer(session.id, view.position, pick, 0, "you")
+            except QuizError as exc:
+                out.print(str(exc), highlight=False)
+        reveal = engine.reveal(session.id)
+        mine = session.questions[view.position].answers.get(0)
+        verdict = "[green]Correct![/]" if mine and mine.correct else "[red]Not quite.[/]" if mine else "Skipped."
+        out.print(f"{verdict} The answer is {reveal.correct_letter}) ", end="")
+        out.print(reveal.correct_text, highlight=False, markup=False)
+        out.print(reveal.explanation, style="dim", highlight=False, markup=False)
+        if mine and not mine.correct:
+            for m in reveal.common_mistakes[:2]:
+                out.print(f"Common mistake: {m}", style="dim", highlight=False, markup=False)
+        if reveal.end_reason == "idle":
+            out.print("No answers for a while: the quiz stopped.")
+            break
+    if engine.get(session.id).status == "open":
+        engine.finish(session.id)
+    row = next(iter(engine.results(session.id).rows), None)
+    if row is None:
+        out.print("\nNo answers given.")
+    else:
+        out.print(f"\n[bold]Score: {row.correct}/{row.asked} correct, {row.points} points[/]")
+    return True
 
 
 def run_chat(rt, out: Console) -> None:
@@ -83,8 +110,8 @@ def run_chat(rt, out: Console) -> None:
             out.print(HELP, highlight=False)
             continue
         if cmd[0] == "/quiz":
-            n = int(cmd[1]) if len(cmd) > 1 and cmd[1].isdigit() else 5
-            run_quiz(tutor.course, out, interactive, max(1, min(n, 25)))
+            n = int(cmd[1]) if len(cmd) > 1 and cmd[1].isdigit() else None
+            run_quiz(tutor.course, out, interactive, max(1, min(n, 25)) if n else None, settings=rt.settings)
             continue
         a = tutor.answer(q, history=history[-4:])
         if not interactive:
