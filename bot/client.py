@@ -331,6 +331,8 @@ async def main(settings: Any) -> int:
         session_factory = create_session_factory(engine)
         runtime = await asyncio.to_thread(TutorRuntime, settings)
         quiz_service = build_quiz_service(settings, runtime.course, session_factory)
+        if quiz_service is not None:
+            runtime.add_course_listener(quiz_service.engine.set_course)
         await run_bot(settings, runtime.tutor, quiz_service, session_factory, runtime)
         return 0
     except (TokenError, DatabaseError, CourseError, IndexError_, EmbedderError) as exc:

@@ -75,6 +75,7 @@ class TutorRuntime:
         self.progress = progress or (lambda msg: print(msg, file=sys.stderr))
         self.started = time.monotonic()
         self._lock = threading.Lock()
+        self._course_listeners: list = []
         self.embedder = shared_minilm()
         self.course: Course = load_course(settings.course_dir)
         retriever = Retriever(self._open_index(self.course), self.embedder,
@@ -109,7 +110,13 @@ class TutorRuntime:
                                   bm25_weight=self.settings.bm25_weight)
             self.tutor.swap(retriever=retriever, course=course)
             self.course = course
+            for listener in self._course_listeners:  # e.g. the quiz engine's question bank
+                listener(course)
             return idx
+
+    def add_course_listener(self, fn) -> None:
+        """Call ``fn(course)`` after every successful reindex (running quizzes keep their questions)."""
+        self._course_listeners.append(fn)
 
     def reload_model(self) -> str:
         """Load the current model (after a promotion or rollback) and swap it in; answers in flight
