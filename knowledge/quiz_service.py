@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -329,7 +329,7 @@ class QuizService:
 
     # --- restart recovery ------------------------------------------------------------------
 
-    async def recover(self) -> list[Recovery]:
+    async def recover(self, owns: Callable[[int | None], bool] | None = None) -> list[Recovery]:
         """Resume or close every session left open by a previous process. No recorded answer is lost:
         answers are read back from the database, and closed sessions are scored from them.
 
@@ -337,10 +337,13 @@ class QuizService:
         whose last activity is within ``resume_window``. Everything else is closed as "expired"
         (reason "restart"), "finished" if every question had already been asked, or "stopped" (reason
         "idle") if it had just stopped itself.
+
+        ``owns(guild_id)`` limits recovery to this process's sessions when shards run in several
+        processes sharing one database (each process recovers only its own guilds' quizzes).
         """
         out: list[Recovery] = []
         for session in await self.repo.open_sessions():
-            if self.engine.find(session.id) is not None:
+            if self.engine.find(session.id) is not None or (owns is not None and not owns(session.guild_id)):
                 continue
             now = self.now()
             q = session.current_question

@@ -183,9 +183,17 @@ class QuizCog(commands.Cog):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _owns_guild(self, guild_id: int | None) -> bool:
+        """Whether this process runs the shard of ``guild_id`` (shards may be split across processes)."""
+        shard_ids = getattr(self.bot, "shard_ids", None)
+        count = getattr(self.bot, "shard_count", None)
+        if guild_id is None or not shard_ids or not count:
+            return True
+        return (guild_id >> 22) % count in shard_ids
+
     async def _recover(self) -> None:
         try:
-            recoveries = await self.service.recover()
+            recoveries = await self.service.recover(owns=self._owns_guild)
         except Exception:
             log.exception("quiz recovery failed: quizzes left open by the previous process stay open")
             return

@@ -347,3 +347,21 @@ async def test_twenty_channels_thirty_students_in_the_same_second(session_factor
     assert dupes == []
     assert {(g, st): t for g, st, t, _, _ in rows} == expected
     assert all(q == 10 and a == 10 for _, _, _, q, a in rows)
+
+
+async def test_recovery_takes_only_the_sessions_this_process_owns(session_factory):
+    """With shards split across processes, each process recovers only its own guilds' quizzes."""
+    clock = Clock()
+    old = make_service(session_factory, clock)
+    mine = await old.start(guild_id=GUILD, channel_id=1, starter_id=9, questions=2, seconds=60)
+    theirs = await old.start(guild_id=GUILD + 1, channel_id=2, starter_id=9, questions=2, seconds=60)
+    await old.next_question(mine.id)
+    await old.next_question(theirs.id)
+
+    first = make_service(session_factory, clock, seed=5)
+    got = await first.recover(owns=lambda gid: gid == GUILD)
+    assert [r.session.id for r in got] == [mine.id]
+    second = make_service(session_factory, clock, seed=6)
+    got = await second.recover(owns=lambda gid: gid == GUILD + 1)
+    assert [r.session.id for r in got] == [theirs.id]
+    assert (await second.repo.session_status(mine.id)) == "open"  # untouched by the other process
