@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,8 +62,15 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
+
+
+def print_json_line(obj) -> None:
+    """One JSON document on stdout, byte for byte: never through Rich, whose markup and emoji codes
+    would rewrite text such as "[the paper](url)" or ":fire:" and crash on a stray "[/]"."""
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 # --- index --------------------------------------------------------------------------------------
@@ -81,7 +89,7 @@ def index_build(course: CourseOpt = None, index: IndexOpt = None) -> None:
     except CourseError as exc:
         raise fail(f"{exc}\nThe index in service (if any) was left untouched.") from None
     for w in c.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     target = s.resolved_index_dir(c.id)
     console.print(f"Indexing [bold]{c.title}[/] ({len(c.documents)} lessons, {len(c.faq)} FAQ records) into {target}")
     try:
@@ -169,18 +177,19 @@ def search(
         raise fail(str(exc)) from None
     hits = retriever.search(query, k, section=section)
     if as_json:
-        out.print(json.dumps([
+        print_json_line([
             {"source": h.source, "title": h.chunk.title, "section": h.chunk.section, "score": round(h.score, 5),
              "dense_score": round(h.dense_score, 4), "bm25_score": round(h.bm25_score, 4), "excerpt": h.excerpt()}
             for h in hits
-        ], ensure_ascii=False))
+        ])
         return
     if not hits:
         out.print("No passages matched.")
     for n, h in enumerate(hits, 1):
         where = f"{h.chunk.title} > {h.chunk.section}" if h.chunk.section else h.chunk.title
-        out.print(f"[bold]{n}. {where}[/]  [dim]{h.source}  score {h.score:.4f} (cos {h.dense_score:.2f}, bm25 {h.bm25_score:.1f})[/]")
-        out.print(f"   {h.excerpt()}\n", highlight=False)
+        out.print(f"[bold]{n}. {escape(where)}[/]  [dim]{escape(h.source)}  score {h.score:.4f} "
+                  f"(cos {h.dense_score:.2f}, bm25 {h.bm25_score:.1f})[/]")
+        out.print(f"   {h.excerpt()}\n", highlight=False, markup=False, emoji=False)
 
 
 # --- eval ---------------------------------------------------------------------------------------
@@ -219,7 +228,7 @@ def eval_retrieval(
     console.print(f"Evaluating {len(queries)} questions…")
     res = evaluate(run, queries, k)
     if as_json:
-        out.print(json.dumps(res))
+        print_json_line(res)
         return
     t = Table(title=f"Retrieval on {corpus.name}")
     for key in res:
@@ -260,12 +269,12 @@ def answer_json(a) -> dict:
 
 def print_answer(a) -> None:
     for n in a.notices:
-        out.print(f"[yellow]{n}[/]", highlight=False)
-    out.print(a.text, highlight=False, markup=False)
+        out.print(f"[yellow]{escape(n)}[/]", highlight=False)
+    out.print(a.text, highlight=False, markup=False, emoji=False)
     if a.sources:
         out.print("[dim]Sources:[/]")
         for r in a.sources:
-            out.print(f"[dim]  - {r.label}  ({r.source})[/]", highlight=False)
+            out.print(f"[dim]  - {escape(r.label)}  ({escape(r.source)})[/]", highlight=False)
     out.print(f"[dim]{a.mode}, confidence {a.confidence:.2f}, {a.latency_ms:.0f} ms[/]")
 
 
@@ -284,7 +293,7 @@ def ask(
     try:
         if question is not None:
             a = rt.tutor.answer(question)
-            out.print(json.dumps(answer_json(a), ensure_ascii=False)) if as_json else print_answer(a)
+            print_json_line(answer_json(a)) if as_json else print_answer(a)
             return
         try:
             lines = (sys.stdin.read() if str(batch) == "-" else batch.read_text(encoding="utf-8")).splitlines()
@@ -297,8 +306,7 @@ def ask(
         with ThreadPoolExecutor(max_workers=rt.settings.max_concurrent_generations) as pool:
             for a in pool.map(rt.tutor.answer, qs):
                 if as_json:
-                    sys.stdout.write(json.dumps(answer_json(a), ensure_ascii=False) + "\n")
-                    sys.stdout.flush()
+                    print_json_line(answer_json(a))
                 else:
                     out.rule(a.question[:80])
                     print_answer(a)
