@@ -75,14 +75,15 @@ def leaderboard(
     from sqlalchemy.exc import DBAPIError
 
     from bot.config import Settings
-    from knowledge.store.db import redact_url
+    from knowledge.store.db import DatabaseError, redact_url
 
     url = Settings().resolved_database_url
     try:
         rows = asyncio.run(_leaderboard(url, guild, limit))
-    except (DBAPIError, OSError) as exc:
+    except (DBAPIError, OSError, DatabaseError) as exc:
+        cause = exc.__cause__ if isinstance(exc, DatabaseError) and exc.__cause__ else exc
         typer.echo(
-            f"Cannot read the leaderboard from {redact_url(url)}: {getattr(exc, 'orig', exc)}\n"
+            f"Cannot read the leaderboard from {redact_url(url)}: {getattr(cause, 'orig', cause)}\n"
             "Is the database reachable and migrated? Run `tutorbot db upgrade`.",
             err=True,
         )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -45,3 +48,29 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
 def redact_url(url: str) -> str:
     """The URL with any password hidden, for logs and status output."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when an exception means the database is gone or unusable (not a bug in a query)."""
+    if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError, sa_exc.ProgrammingError)):
+        return False
+    if isinstance(exc, sa_exc.DBAPIError):
+        # OperationalError, InterfaceError, DatabaseError ("file is not a database"), invalidated connections
+        return True
+    return isinstance(exc, (OSError, TimeoutError, sa_exc.TimeoutError))
+
+
+def guarded(factory: async_sessionmaker[AsyncSession]) -> Callable[[], contextlib.AbstractAsyncContextManager[AsyncSession]]:
+    """A session factory whose sessions raise ``DatabaseError`` when the database is unavailable."""
+
+    @contextlib.asynccontextmanager
+    async def session() -> AsyncIterator[AsyncSession]:
+        try:
+            async with factory() as s:
+                yield s
+        except BaseException as exc:
+            if is_unavailable(exc):
+                raise DatabaseError(f"database unavailable ({type(exc).__name__})") from exc
+            raise
+
+    return session

@@ -9,9 +9,8 @@ propagate unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -20,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from knowledge.store.db import DatabaseError
+from knowledge.store.db import DatabaseError, guarded
 from knowledge.store.qa_models import AnswerLog, Feedback, GuildSettings
 from knowledge.tutor import Answer, Turn
 
@@ -77,29 +76,9 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float | None:
     return float(sorted_values[rank - 1])
 
 
-def _is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError, sa_exc.ProgrammingError)):
-        return False
-    if isinstance(exc, sa_exc.DBAPIError):
-        # OperationalError, InterfaceError, DatabaseError ("file is not a database"), invalidated
-        # connections: the database is gone or unusable, not a bug in the query.
-        return True
-    return isinstance(exc, (OSError, TimeoutError, sa_exc.TimeoutError))
-
-
 class QARepository:
     def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
-        self._sessions = session_factory
-
-    @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[AsyncSession]:
-        try:
-            async with self._sessions() as session:
-                yield session
-        except BaseException as exc:
-            if _is_unavailable(exc):
-                raise DatabaseError(f"database unavailable ({type(exc).__name__})") from exc
-            raise
+        self._session = guarded(session_factory)
 
     async def ping(self) -> None:
         """Raises DatabaseError if the database cannot be queried."""

@@ -43,6 +43,7 @@ from knowledge.quiz import (
     rank_rows,
     streak_summary,
 )
+from knowledge.store.db import guarded
 from knowledge.store.quiz_models import (
     QuizAnswer,
     QuizScore,
@@ -69,7 +70,7 @@ class QuizRepo:
     """Async repository over an ``async_sessionmaker`` (expire_on_commit=False)."""
 
     def __init__(self, session_factory: async_sessionmaker[AsyncSession]):
-        self._sf = session_factory
+        self._sf = guarded(session_factory)  # a lost database raises DatabaseError
         bind = session_factory.kw.get("bind")
         self.dialect = bind.dialect.name if bind is not None else "sqlite"
         # SQLite has one writer at a time; queueing writers here instead of in SQLite's busy handler
