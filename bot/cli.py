@@ -80,7 +80,7 @@ def index_build(course: CourseOpt = None, index: IndexOpt = None) -> None:
     """Validate the course and (re)build its index, re-embedding only changed passages."""
     from knowledge.course import CourseError, load_course
     from knowledge.embedder import EmbedderError, shared_minilm
-    from knowledge.index import build_index
+    from knowledge.index import IndexError_, build_index
 
     s = settings(course_dir=course, index_dir=index)
     setup_logging("WARNING")
@@ -94,8 +94,8 @@ def index_build(course: CourseOpt = None, index: IndexOpt = None) -> None:
     console.print(f"Indexing [bold]{c.title}[/] ({len(c.documents)} lessons, {len(c.faq)} FAQ records) into {target}")
     try:
         idx = build_index(c, target, shared_minilm(), show_progress=sys.stderr.isatty())
-    except EmbedderError as exc:
-        raise fail(str(exc)) from None
+    except (EmbedderError, IndexError_) as exc:
+        raise fail(f"{exc}\nThe index in service (if any) was left untouched.") from None
     m = idx.manifest
     console.print(
         f"[green]done:[/] {m.chunk_count} passages from {m.source_count} sources "

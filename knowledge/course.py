@@ -262,6 +262,9 @@ def _load_lesson(root: Path, path: Path, problems: list[str]) -> Document | None
         problems.append(f"{rel}: lesson is empty")
         return None
     fmt: Literal["markdown", "text"] = "markdown" if path.suffix.lower() == ".md" else "text"
+    if fmt == "markdown" and not re.sub(r"(?m)^#{1,6}[ \t]+.*$", "", text).strip():
+        problems.append(f"{rel}: lesson has headings but no text under them")
+        return None
     return Document(
         source=rel,
         title=fm.title or _title_from(text, path),

@@ -312,6 +312,19 @@ def test_index_build_on_a_broken_course_fails_and_keeps_the_index(shared, tmp_pa
     assert search.exit_code != 0 and "quizzes/basics.yaml" in flat(search.stderr)
 
 
+def test_an_index_error_during_build_is_a_clear_message(env, tmp_path, monkeypatch):
+    import knowledge.index
+
+    def no_passages(course, *_a, **_k):
+        raise knowledge.index.IndexError_(f"course {course.id} produced no passages to index")
+
+    monkeypatch.setattr(knowledge.index, "build_index", no_passages)
+    result = run("index", "build", "--index", str(tmp_path / "idx"))
+    assert result.exit_code == 1 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert "course tiny produced no passages to index" in flat(result.stderr)
+    assert "Traceback" not in result.output
+
+
 def test_index_build_on_a_missing_course(env, tmp_path):
     result = run("index", "build", "--course", str(tmp_path / "nope"))
     assert result.exit_code != 0 and "no such course folder" in flat(result.stderr)

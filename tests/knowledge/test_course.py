@@ -266,6 +266,14 @@ def test_empty_lesson_and_empty_data_files(tmp_path):
     assert "file is empty; expected a 'cards:' list" in problem_about(err, "flashcards/cards.yaml")
 
 
+def test_a_lesson_of_headings_only_is_refused(tmp_path):
+    """It would give no passage at all (a course of such lessons used to crash the index build)."""
+    err = refused(broken(tmp_path, {"lessons/03-draft.md": "# Draft\n\n## To do\n\n### Later\n"}))
+    assert problem_about(err, "lessons/03-draft.md") == "lessons/03-draft.md: lesson has headings but no text under them"
+    ok = broken(tmp_path / "ok", {"lessons/03-code.md": "# Code\n\n```\n# a comment\n```\n"})
+    assert any(d.source == "lessons/03-code.md" for d in load_course(ok).documents)
+
+
 def test_non_utf8_file_is_refused_naming_file_and_line(tmp_path):
     root = broken(tmp_path, {})
     (root / "lessons/03-latin1.md").write_bytes(b"# Cafe\n\nOK line.\nCaf\xe9 au lait.\n")
