@@ -365,3 +365,23 @@ def test_db_upgrade_on_an_unreachable_database(tmp_path, monkeypatch):
     result = run("db", "upgrade")
     assert result.exit_code != 0
     assert "cannot reach the database" in flat(result.stderr) and "secret" not in result.stderr
+
+
+@pytest.mark.allow_error_logs
+def test_a_model_that_fails_to_load_gives_one_log_line_and_extractive_answers(env, monkeypatch, caplog):
+    import bot.runtime
+
+    def missing(*_a, **_k):
+        raise FileNotFoundError("no converted model in data/models\nsecond line of detail")
+
+    monkeypatch.setattr(bot.runtime, "current_model_dir", missing)
+    monkeypatch.setenv("TUTORBOT_ANSWER_MODE", "generative")
+    result = run("ask", "what is LoRA?", "--json")
+    assert result.exit_code == 0, result.output
+    a = json.loads(result.stdout)
+    assert a["answered"] is True and a["mode"] == "extractive" and a["model"] is None
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].name == "bot.runtime"
+    msg = errors[0].getMessage()
+    assert "answer model unavailable" in msg and "no converted model" in msg and "\n" not in msg
+    assert errors[0].exc_info is None  # one clear line, no traceback

@@ -453,3 +453,16 @@ def test_swap_replaces_the_generator(course, retriever):
     assert t.model_name == "v1"
     t.swap(generator=RecordingGenerator(first_sentence, name="v2"))
     assert t.answer("What is fine-tuning?").model == "v2"
+
+
+@pytest.mark.xfail(
+    reason="known gap (reported to the tutor's owner): terse acronym questions fall under the relevance "
+    "gate: 'what is LoRA?' has cosine ~0.28 (< MIN_COSINE 0.31) and raw BM25 ~1.4 (< 3.0, which one "
+    "query term cannot reach), though the course has a section on LoRA",
+    strict=False,
+)
+@pytest.mark.parametrize("question", ["What is LoRA?", "what are adapters?"])
+def test_terse_questions_on_covered_topics_are_answered(ask, question):
+    a = ask(question)
+    assert a.answered is True
+    assert any("LoRA" in s.section for s in a.sources)
