@@ -89,7 +89,7 @@ def main() -> None:
         "dense only (MiniLM, question+answer)": run(1.0, 0.0),
         "reciprocal-rank fusion (dense + BM25)": rank_metrics(
             [rrf_sources(r, q, qvecs[i]) for i, q in enumerate(queries)], relevant),
-        "tutorbot hybrid (score fusion 0.5/0.5)": run(r.dense_weight, r.bm25_weight),
+        f"tutorbot hybrid (score fusion {r.dense_weight}/{r.bm25_weight})": run(r.dense_weight, r.bm25_weight),
     }
     rng = random.Random(0)
     sample = rng.sample(queries, min(args.latency_sample, len(queries)))

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_question_chars: int = Field(
         2000, ge=50, description="Longer questions are truncated (with a notice) before answering."
     )
+    model_check_s: float = Field(
+        60.0, ge=0, description="How often the bot checks the model registry for a newly promoted model (0: never)."
+    )
     models_dir: Path | None = Field(
         None, description="Model registry folder. Default: <data_dir>/models."
     )

@@ -37,6 +37,17 @@ class RuntimeStatus:
     extra: dict = field(default_factory=dict)
 
 
+def registry_token(settings: Settings) -> str | None:
+    """Identity of the registry's current model (None: no registry or nothing promoted)."""
+    try:
+        from finetune.registry import Registry
+
+        current = Registry(settings.resolved_models_dir).current_dir()
+    except Exception:  # no registry yet, or unreadable: treat as "no promoted model"
+        return None
+    return str(current.resolve()) if current is not None else None
+
+
 def current_model_dir(settings: Settings, progress=None) -> Path:
     """The promoted model in the registry, or the converted base model."""
     try:
@@ -80,6 +91,7 @@ class TutorRuntime:
         self.course: Course = load_course(settings.course_dir)
         retriever = Retriever(self._open_index(self.course), self.embedder,
                               dense_weight=settings.dense_weight, bm25_weight=settings.bm25_weight)
+        self._model_token = registry_token(settings)
         self.tutor = Tutor(self.course, retriever, load_generator(settings, self.progress),
                            mode=settings.answer_mode, k=settings.retrieval_k,
                            max_question_chars=settings.max_question_chars)
@@ -122,14 +134,24 @@ class TutorRuntime:
         """Load the current model (after a promotion or rollback) and swap it in; answers in flight
         finish on the old one. Returns the model's name."""
         with self._lock:
+            token = registry_token(self.settings)
             gen = load_generator(self.settings, self.progress)
             if gen is None:
                 raise RuntimeError("the answer model could not be loaded; still serving the previous one")
+            self._model_token = token
             old = self.tutor.generator
             self.tutor.swap(generator=gen)
             if old is not None and hasattr(old, "close"):
                 old.close()
             return gen.name
+
+    def reload_if_changed(self) -> str | None:
+        """Reload when the registry's current model changed since the last load. Returns the new
+        model's name, or None when nothing changed (or answers are extractive by setting)."""
+        token = registry_token(self.settings)
+        if token == self._model_token or self.settings.answer_mode != "generative":
+            return None
+        return self.reload_model()
 
     def status(self) -> RuntimeStatus:
         m = self.tutor.retriever.index.manifest

@@ -118,7 +118,32 @@ class AdminCog(commands.GroupCog, group_name="tutor", group_description="Maintai
     def __init__(self, bot: TutorBot) -> None:
         self.bot = bot
         self._busy: dict[str, asyncio.Lock] = {"reindex": asyncio.Lock(), "reload-model": asyncio.Lock()}
+        self._watcher: asyncio.Task | None = None
         super().__init__()
+
+    async def cog_load(self) -> None:
+        interval = getattr(self.bot.settings, "model_check_s", 0)
+        runtime = self.bot.runtime
+        if interval and runtime is not None and hasattr(runtime, "reload_if_changed"):
+            self._watcher = asyncio.create_task(self._watch_model(runtime, interval), name="model-watcher")
+
+    async def cog_unload(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def _watch_model(self, runtime: object, interval: float) -> None:
+        """Pick up a promoted or rolled-back model without a restart; answers in flight finish on
+        the old one (the runtime swaps the generator; it does not interrupt calls)."""
+        while True:
+            await asyncio.sleep(interval)
+            async with self._busy["reload-model"]:
+                try:
+                    name = await asyncio.to_thread(runtime.reload_if_changed)  # type: ignore[attr-defined]
+                except Exception as exc:  # keep serving on the current model
+                    log.warning("model check failed; still serving the current model: %s", exc)
+                    continue
+            if name:
+                audit.info("switched to model %s after a registry change", name)
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:  # type: ignore[override]
         if interaction.guild is None:
