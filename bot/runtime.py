@@ -142,7 +142,7 @@ class TutorRuntime:
             old = self.tutor.generator
             self.tutor.swap(generator=gen)
             if old is not None and hasattr(old, "close"):
-                old.close()
+                old.close(drain=True)  # questions already queued on the old model are still answered
             return gen.name
 
     def reload_if_changed(self) -> str | None:

@@ -82,6 +82,7 @@ class BatchingGenerator:
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._drain = False
         self._worker = threading.Thread(target=self._run, name="tutorbot-generation-batcher", daemon=True)
         self._worker.start()
 
@@ -123,15 +124,18 @@ class BatchingGenerator:
         return answers
 
     # --- lifecycle ------------------------------------------------------------------------
-    def close(self, timeout: float | None = 5.0) -> None:
-        """Stop the worker: the batch in progress finishes, queued requests fail with GenerationError.
+    def close(self, timeout: float | None = 5.0, *, drain: bool = False) -> None:
+        """Stop the worker: the batch in progress finishes; queued requests fail with GenerationError,
+        or, with ``drain=True`` (a model swap), are answered first.
 
         Idempotent. Later ``generate`` calls raise ``GenerationError``.
         """
         with self._cond:
             self._closed = True
-            pending = list(self._queue)
-            self._queue.clear()
+            self._drain = drain
+            pending = [] if drain else list(self._queue)
+            if not drain:
+                self._queue.clear()
             self._cond.notify_all()
         for item in pending:
             if item.future.set_running_or_notify_cancel():
@@ -156,7 +160,7 @@ class BatchingGenerator:
             while True:
                 while not self._queue and not self._closed:
                     self._cond.wait()
-                if self._closed:
+                if self._closed and not (self._drain and self._queue):
                     return None
                 first_wait_end = self._queue[0].enqueued + self.max_wait_s
                 while len(self._queue) < self.max_batch and not self._closed:
@@ -164,7 +168,7 @@ class BatchingGenerator:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-                if self._closed:
+                if self._closed and not self._drain:
                     return None
                 batch: list[_Item] = []
                 while self._queue and len(batch) < self.max_batch:

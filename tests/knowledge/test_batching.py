@@ -166,3 +166,27 @@ def test_rejects_bad_settings(echo):
         BatchingGenerator(echo, max_batch=0)
     with pytest.raises(ValueError):
         BatchingGenerator(echo, max_wait_s=-1)
+
+
+def test_close_with_drain_answers_queued_requests_first():
+    """A model swap closes the old generator with drain=True: nothing already queued is dropped."""
+    slow = EchoGenerator(delay_s=0.2)
+    gen = BatchingGenerator(slow, max_batch=1, max_wait_s=0.0)
+    results: dict[str, object] = {}
+
+    def ask(q: str) -> None:
+        try:
+            results[q] = gen.generate([req(q)])
+        except GenerationError as exc:
+            results[q] = exc
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in ("first", "second", "third")]
+    for t in threads:
+        t.start()
+        time.sleep(0.03)
+    gen.close(timeout=5, drain=True)
+    for t in threads:
+        t.join(5)
+    assert results == {"first": ["A:first"], "second": ["A:second"], "third": ["A:third"]}
+    with pytest.raises(GenerationError, match="shut down"):
+        gen.generate([req("after")])
