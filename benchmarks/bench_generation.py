@@ -1,0 +1,475 @@
+"""Answer generation speed: plain fp32 ``model.generate`` (baseline) vs our HFGenerator, same run.
+
+    .venv/bin/python benchmarks/bench_generation.py            # measure and update docs/BENCHMARKS.md
+    .venv/bin/python benchmarks/bench_generation.py --variants # also the other options (fp32, int8, hf...)
+
+What is measured (8 course questions, each with 3 course passages: ~500-600 prompt tokens):
+  * single stream: prefill time (time to the first token) and decode tokens/s, forcing 60 new tokens;
+  * answer latency p50/p95: real answers (stopping at end of turn; up to 60 new tokens), one at a time;
+  * 8 concurrent questions: 8 threads ask at once. Ours goes through BatchingGenerator (one batched
+    call); the baseline has one model behind a lock, so the questions queue up. Reported as the
+    time until all 8 are answered, and as a multiple of the mean single-question latency.
+Baseline and ours alternate round by round, so load from other processes hits both alike.
+Results go to docs/BENCHMARKS.md between the bench:generation markers (other sections are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from finetune.base_model import ensure_base_model  # noqa: E402
+from finetune.generator import HFGenerator  # noqa: E402
+from knowledge.batching import BatchingGenerator  # noqa: E402
+from knowledge.generation import GenerationRequest, Passage, build_messages  # noqa: E402
+
+LESSONS = ROOT / "courses" / "pretraining-finetuning" / "lessons"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+START, END = "<!-- bench:generation:start -->", "<!-- bench:generation:end -->"
+NEW_TOKENS = 60
+
+QUESTIONS = [
+    "What is pre-training?",
+    "Why is fine-tuning cheaper than training a model from scratch?",
+    "What is LoRA and why is it useful?",
+    "How do adapters work?",
+    "How can I tell if my fine-tuned model is overfitting?",
+    "What learning rate should I use when fine-tuning?",
+    "What is catastrophic forgetting?",
+    "What happened in the movie review experiment?",
+]
+
+# Used when the course folder is absent: realistic passages about the same topics.
+FALLBACK_PASSAGES = [
+    Passage(
+        "Overview",
+        "Pre-training",
+        "During pre-training a model learns from a huge amount of general data, such as large "
+        "collections of text or images. It picks up broad, reusable knowledge: grammar, facts, "
+        "common patterns. Pre-training is expensive: it needs a lot of data, compute and time, "
+        "so it is usually done once by a large lab and the resulting model is shared.",
+    ),
+    Passage(
+        "Overview",
+        "Fine-tuning",
+        "Fine-tuning takes a pre-trained model and continues training it on a small dataset for one "
+        "task, for example classifying movie reviews. Because the model already knows a lot, a few "
+        "thousand examples and a low learning rate such as 2e-5 are often enough. Training only "
+        "some layers, or small adapters, makes it cheaper still.",
+    ),
+    Passage(
+        "Deep dive",
+        "LoRA and adapters",
+        "Adapters are small extra modules inserted into a frozen network; only they are trained. "
+        "LoRA (low-rank adaptation) adds two small matrices whose product is added to a frozen "
+        "weight matrix, so a tiny fraction of the parameters is trained and the adapter can be "
+        "merged into the weights afterwards.",
+    ),
+    Passage(
+        "Deep dive",
+        "Overfitting and forgetting",
+        "A fine-tuned model overfits when its training loss keeps falling while the validation loss "
+        "rises: it memorises the small dataset. Early stopping, fewer epochs, freezing layers and "
+        "a lower learning rate help. Catastrophic forgetting is when fine-tuning overwrites general "
+        "knowledge learned during pre-training.",
+    ),
+]
+
+_STOP = frozenset(
+    "what is are the a an of to and in how why when do does can i my if it should use for with".split()  # noqa: SIM905
+)
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOP}
+
+
+def course_passages() -> list[Passage]:
+    """Sections of the sample course's lessons as passages (or the fallback set)."""
+    out = []
+    for path in sorted(LESSONS.glob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        title_match = re.search(r'^title:\s*"?([^"\n]+)', text, flags=re.MULTILINE)
+        title = title_match.group(1).strip() if title_match else path.stem
+        body = text.split("---", 2)[2] if text.startswith("---") else text
+        for chunk in re.split(r"\n## ", body):
+            head, _, rest = chunk.strip().partition("\n")
+            if rest.strip():
+                out.append(Passage(title, head.strip("# "), " ".join(rest.split()), path.name))
+    return out or FALLBACK_PASSAGES
+
+
+def build_requests(max_new_tokens: int = NEW_TOKENS) -> list[GenerationRequest]:
+    """The 8 questions, each with its 3 best passages by word overlap (a stand-in for the retriever)."""
+    passages = course_passages()
+    reqs = []
+    for q in QUESTIONS:
+        qw = _words(q)
+        ranked = sorted(passages, key=lambda p: -len(qw & _words(p.section + " " + p.text[:700])))
+        reqs.append(GenerationRequest(q, tuple(ranked[:3]), max_new_tokens))
+    return reqs
+
+
+# --- the baseline ----------------------------------------------------------------------------------
+
+
+class Baseline:
+    """Plain transformers: fp32 weights, ``model.generate`` greedy, one question at a time (locked)."""
+
+    def __init__(self, folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.lock = threading.Lock()
+
+    def ids(self, r: GenerationRequest):
+        text = self.tok.apply_chat_template(
+            build_messages(r.question, r.passages), add_generation_prompt=True, tokenize=False
+        )
+        return self.tok(text, return_tensors="pt", add_special_tokens=False)
+
+    def run(self, r: GenerationRequest, *, force: bool = False) -> list[int]:
+        x = self.ids(r)
+        extra = {"min_new_tokens": r.max_new_tokens} if force else {}
+        with self.lock, self.torch.inference_mode():
+            out = self.model.generate(
+                **x,
+                max_new_tokens=r.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tok.eos_token_id,
+                **extra,
+            )
+        return out[0, x["input_ids"].shape[1] :].tolist()
+
+    def answer(self, r: GenerationRequest) -> str:
+        return self.tok.decode(self.run(r), skip_special_tokens=True).strip()
+
+
+# --- measuring -------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t, result
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    if len(values) == 1:
+        return values[0]
+    k = (len(values) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.prefill: list[float] = []
+        self.decode_tps: list[float] = []
+        self.stream_tps: list[float] = []
+        self.latency: list[float] = []
+        self.tokens: list[int] = []
+        self.concurrent: list[float] = []
+
+    def summary(self) -> dict[str, float]:
+        mean_latency = statistics.mean(self.latency)
+        return {
+            "prefill_s": statistics.median(self.prefill),
+            "decode_tps": statistics.median(self.decode_tps),
+            "stream_tps": statistics.median(self.stream_tps),
+            "p50": pct(self.latency, 50),
+            "p95": pct(self.latency, 95),
+            "mean_latency": mean_latency,
+            "mean_tokens": statistics.mean(self.tokens),
+            "concurrent8": statistics.median(self.concurrent),
+            "concurrent_ratio": statistics.median(self.concurrent) / mean_latency,
+        }
+
+
+def measure_stream(
+    run_tokens: Callable[[GenerationRequest], int], r: GenerationRequest, stats: Stats
+) -> None:
+    """Prefill (1 new token) and a forced 60-token generation for one request."""
+    t1, _ = timed(lambda: run_tokens(GenerationRequest(r.question, r.passages, 1)))
+    tn, n = timed(lambda: run_tokens(r))
+    stats.prefill.append(t1)
+    stats.decode_tps.append((n - 1) / max(tn - t1, 1e-6))
+    stats.stream_tps.append(n / tn)
+
+
+def concurrent(ask: Callable[[GenerationRequest], object], reqs: list[GenerationRequest]) -> float:
+    barrier = threading.Barrier(len(reqs))
+
+    def one(r: GenerationRequest) -> object:
+        barrier.wait()
+        return ask(r)
+
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        t = time.perf_counter()
+        list(pool.map(one, reqs))
+        return time.perf_counter() - t
+
+
+def bench(folder: Path, rounds: int, variants: bool, threads: int | None) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    reqs = build_requests()
+    print(f"loading baseline and HFGenerator from {folder} ...", flush=True)
+    base = Baseline(folder)
+    ours = HFGenerator(folder)
+    batcher = BatchingGenerator(ours, max_batch=8)
+    lengths = [len(ours.prompt_ids(r)) for r in reqs]
+    print(f"prompt tokens: {min(lengths)}-{max(lengths)} (mean {statistics.mean(lengths):.0f})", flush=True)
+
+    # warm-up (first calls allocate, load kernels)
+    base.run(GenerationRequest(reqs[0].question, reqs[0].passages, 4))
+    ours.generate([GenerationRequest(reqs[0].question, reqs[0].passages, 4)])
+
+    b, o = Stats(), Stats()
+    answers: dict[str, list[str]] = {"baseline": [], "ours": []}
+    for rnd in range(rounds):
+        for i, r in enumerate(reqs[:4]):  # stream speed on 4 prompts per round
+            measure_stream(lambda q: len(base.run(q, force=True)), r, b)
+            measure_stream(lambda q: len(ours.generate_tokens([q], ignore_stops=True)[0]), r, o)
+            print(
+                f"  round {rnd + 1} stream {i + 1}/4: baseline {b.decode_tps[-1]:.1f} tok/s, "
+                f"ours {o.decode_tps[-1]:.1f} tok/s",
+                flush=True,
+            )
+        for r in reqs:
+            t, ids = timed(lambda r=r: base.run(r))
+            b.latency.append(t)
+            b.tokens.append(len(ids))
+            t, ids = timed(lambda r=r: ours.generate_tokens([r])[0])
+            o.latency.append(t)
+            o.tokens.append(len(ids))
+        b.concurrent.append(concurrent(base.answer, reqs))
+        o.concurrent.append(concurrent(lambda r: batcher.generate([r], timeout=120)[0], reqs))
+        print(
+            f"  round {rnd + 1}: latency p50 baseline {pct(b.latency, 50):.2f} s, ours {pct(o.latency, 50):.2f} s; "
+            f"8 concurrent baseline {b.concurrent[-1]:.2f} s, ours {o.concurrent[-1]:.2f} s",
+            flush=True,
+        )
+    answers["baseline"] = [base.answer(r) for r in reqs]
+    answers["ours"] = ours.generate(reqs)
+    singles = [ours.generate([r])[0] for r in reqs]
+    batch_equal = sum(a == s for a, s in zip(answers["ours"], singles, strict=True))
+    batcher.close()
+    result = {
+        "baseline": b.summary(),
+        "ours": o.summary(),
+        "prompt_tokens": (min(lengths), max(lengths), statistics.mean(lengths)),
+        "answers": answers,
+        "batch_equal": batch_equal,
+        "config": f"engine={ours.engine}, dtype={ours.dtype}, quantize={ours.quantize}",
+        "threads": torch.get_num_threads(),
+        "variants": [],
+    }
+    if variants:
+        ref_tokens = [base.run(r) for r in reqs]
+        del ours
+        result["variants"] = bench_variants(folder, reqs, ref_tokens, base)
+    return result
+
+
+VARIANTS = {
+    "fast, bf16 (default)": {"engine": "fast", "dtype": "bfloat16"},
+    "fast, fp32": {"engine": "fast", "dtype": "float32"},
+    "fast, int8 weight-only": {"engine": "fast", "dtype": "bfloat16", "quantize": "int8"},
+    "hf generate, bf16": {"engine": "hf", "dtype": "bfloat16"},
+    "hf generate, fp32 + dynamic int8 (not down_proj)": {
+        "engine": "hf",
+        "dtype": "float32",
+        "quantize": "int8",
+    },
+}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def bench_variants(
+    folder: Path, reqs: list[GenerationRequest], ref: list[list[int]], base: Baseline
+) -> list[dict]:
+    """Each option: stream decode tok/s, p50 answer latency, agreement with fp32 greedy, batch == single."""
+    rows = []
+    for label, kwargs in VARIANTS.items():
+        gen = HFGenerator(folder, **kwargs)
+        gen.generate([GenerationRequest(reqs[0].question, reqs[0].passages, 4)])
+        s = Stats()
+        for r in reqs[:3]:
+            measure_stream(lambda q, gen=gen: len(gen.generate_tokens([q], ignore_stops=True)[0]), r, s)
+        lat = [timed(lambda r=r, gen=gen: gen.generate([r]))[0] for r in reqs]
+        forced = [
+            gen.generate_tokens([GenerationRequest(r.question, r.passages, 20)], ignore_stops=True)[0]
+            for r in reqs
+        ]
+        same20 = sum(
+            _common_prefix(f, ref_ids) >= min(20, len(ref_ids))
+            for f, ref_ids in zip(forced, ref, strict=True)
+        )
+        batch = gen.generate(reqs)
+        single = [gen.generate([r])[0] for r in reqs]
+        rows.append(
+            {
+                "label": label,
+                "decode_tps": statistics.median(s.decode_tps),
+                "prefill_s": statistics.median(s.prefill),
+                "p50": pct(lat, 50),
+                "same20": same20,
+                "batch_equal": sum(a == b for a, b in zip(batch, single, strict=True)),
+                "example": single[0],
+            }
+        )
+        print(f"  variant {label}: {rows[-1]}", flush=True)
+        del gen
+    return rows
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def render(res: dict, load: tuple[float, float]) -> str:
+    b, o = res["baseline"], res["ours"]
+    lo, hi, mean = res["prompt_tokens"]
+
+    def ratio(x: float, y: float) -> str:
+        return f"{x / y:.2f}x" if y else "-"
+
+    lines = [
+        START,
+        "## Answer generation (`benchmarks/bench_generation.py`)",
+        "",
+        f"- Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; machine: {machine()}; "
+        f"torch threads: {res['threads']}; load average before/after: {load[0]:.1f}/{load[1]:.1f} "
+        "(other processes share these cores, so absolute numbers vary; the ratios are measured in the same run, "
+        "baseline and ours alternating)",
+        f"- Model: base SmolLM2-135M-Instruct; prompts: 8 course questions with 3 passages each, "
+        f"{lo}-{hi} tokens (mean {mean:.0f}); up to {NEW_TOKENS} new tokens, greedy",
+        "- Baseline: fp32 weights, transformers `model.generate`, one question at a time (a lock around the model)",
+        f"- Ours: `HFGenerator` ({res['config']}), 8 concurrent callers through `BatchingGenerator(max_batch=8)`",
+        "",
+        "| metric | baseline | ours | ours vs baseline |",
+        "|---|---|---|---|",
+        f"| prefill (time to first token) | {b['prefill_s']:.2f} s | {o['prefill_s']:.2f} s | "
+        f"{ratio(b['prefill_s'], o['prefill_s'])} faster |",
+        f"| decode speed, one stream | {b['decode_tps']:.1f} tok/s | {o['decode_tps']:.1f} tok/s | "
+        f"{ratio(o['decode_tps'], b['decode_tps'])} |",
+        f"| 60 tokens incl. prefill, one stream | {b['stream_tps']:.1f} tok/s | {o['stream_tps']:.1f} tok/s | "
+        f"{ratio(o['stream_tps'], b['stream_tps'])} |",
+        f"| answer latency p50 | {b['p50']:.2f} s | {o['p50']:.2f} s | {ratio(b['p50'], o['p50'])} faster |",
+        f"| answer latency p95 | {b['p95']:.2f} s | {o['p95']:.2f} s | {ratio(b['p95'], o['p95'])} faster |",
+        f"| mean answer length | {b['mean_tokens']:.0f} tokens | {o['mean_tokens']:.0f} tokens | "
+        "(ours stops after 4 sentences or a repeat) |",
+        f"| 8 concurrent questions, all answered | {b['concurrent8']:.2f} s | {o['concurrent8']:.2f} s | "
+        f"{ratio(b['concurrent8'], o['concurrent8'])} faster |",
+        f"| 8 concurrent / one question | {b['concurrent_ratio']:.1f}x | {o['concurrent_ratio']:.1f}x | target <= 2x |",
+        "",
+        f"Batched answers identical to single answers: {res['batch_equal']}/8.",
+        "",
+    ]
+    if res["variants"]:
+        lines += [
+            "Options (same run; 'same 20' = first 20 greedy tokens identical to the fp32 baseline's, of 8):",
+            "",
+            "| option | decode tok/s | prefill | answer p50 | same 20 as fp32 | batch == single | answer to 'What is pre-training?' |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for v in res["variants"]:
+            example = v["example"].replace("|", "/").replace("\n", " ")[:160]
+            lines.append(
+                f"| {v['label']} | {v['decode_tps']:.1f} | {v['prefill_s']:.2f} s | {v['p50']:.2f} s | "
+                f"{v['same20']}/8 | {v['batch_equal']}/8 | {example} |"
+            )
+        lines.append("")
+    lines += ["Answers (baseline fp32 `generate` / ours):", ""]
+    for q, a_b, a_o in zip(QUESTIONS, res["answers"]["baseline"], res["answers"]["ours"], strict=True):
+        lines.append(f"- **{q}**  ")
+        lines.append(f"  baseline: {' '.join(a_b.split())[:300]}  ")
+        lines.append(f"  ours: {' '.join(a_o.split())[:300]}")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section(text: str, doc: Path = DOC) -> None:
+    """Replace only our section of docs/BENCHMARKS.md (create the file if needed)."""
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    current = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    if START in current and END in current:
+        before, rest = current.split(START, 1)
+        after = rest.split(END, 1)[1]
+        new = before + text + after
+    else:
+        new = current.rstrip("\n") + "\n\n" + text + "\n"
+    tmp = doc.with_suffix(".md.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    tmp.replace(doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--model-dir", type=Path, help="model folder (default: the converted base model)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("TUTORBOT_DATA_DIR", ROOT / "data"))
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="measurement rounds (baseline and ours alternate)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--variants", action="store_true", help="also measure the other options")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+    folder = args.model_dir or ensure_base_model(args.data_dir, progress=print)
+    load0 = os.getloadavg()[0]
+    res = bench(folder, args.rounds, args.variants, args.threads)
+    text = render(res, (load0, os.getloadavg()[0]))
+    print(text)
+    if not args.no_write:
+        write_section(text)
+        print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

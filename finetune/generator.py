@@ -1,0 +1,616 @@
+"""The answer model the Tutor calls: a causal-LM folder loaded for fast greedy decoding on CPU.
+
+``HFGenerator(folder)`` loads any model folder written by ``finetune.base_model`` or by the
+fine-tuning code (safetensors + tokenizer + optional ``tutorbot_model.json`` manifest) and
+implements ``knowledge.generation.Generator``.
+
+Why not just ``model.generate``? For a 135M model on two CPU cores, ``generate`` spends much
+of each step in Python bookkeeping, and fp32 weights are read from memory at every step. For
+Llama-architecture models (SmolLM2 is one) we run a lean engine of our own instead (measured in
+``benchmarks/bench_generation.py``, numbers in ``docs/BENCHMARKS.md``):
+
+* weights in bf16, pre-packed once for oneDNN (``mkldnn._reorder_linear_weight``): on CPUs with
+  AMX/AVX512-BF16 one decoding step for 8 questions costs little more than for one;
+* q/k/v and gate/up projections fused into one matrix each (fewer, larger matrix products);
+* the residual stream, norms, RoPE and softmax in fp32 (better answers than a pure bf16 model);
+* each prompt is prefilled on its own (no padding waste), then all questions of a batch decode
+  together; attention runs per question on its own slice of a static KV cache. Every operation
+  treats rows independently, so a question gets the same answer alone or in a batch;
+* logits only for the last position; greedy decoding; stops at end-of-turn, after
+  ``max_sentences`` sentences, on a repeated sentence or when the model starts echoing the prompt.
+
+Other architectures fall back to transformers' ``generate`` (``engine="hf"`` forces it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from knowledge.generation import GenerationError, GenerationRequest, build_messages
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "tutorbot_model.json"
+Engine = Literal["auto", "fast", "hf"]
+DType = Literal["auto", "bfloat16", "float32"]
+Quantize = Literal["none", "int8"]
+
+# Text that means the model has started to write the prompt again instead of answering.
+_ECHO_MARKERS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "Course passages:",
+    "\nQuestion:",
+    "Question:",
+)
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
+_SPACES = re.compile(r"[ \t]+")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="ignore")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def read_model_name(folder: Path) -> str:
+    """The model's display name from its manifest ('base:SmolLM2-135M-Instruct', 'v3', ...)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict):
+        for key in ("name", "version"):
+            if manifest.get(key):
+                return str(manifest[key])
+        if manifest.get("base_model"):
+            return f"{manifest.get('kind', 'model')}:{manifest['base_model']}"
+    return Path(folder).name
+
+
+# --- answer text: stopping and clean-up ----------------------------------------------------------
+
+
+def _norm_sentence(s: str) -> str:
+    return re.sub(r"\W+", " ", s.lower()).strip()
+
+
+@dataclass
+class _Stop:
+    """Per-question stop rules applied to the text generated so far."""
+
+    max_sentences: int
+
+    def check(self, text: str) -> bool:
+        """True when generation of this answer can stop (enough sentences, echo, repetition)."""
+        if any(m in text for m in _ECHO_MARKERS):
+            return True
+        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        if len(ends) >= self.max_sentences:
+            return True
+        if len(ends) >= 2:
+            seen = set()
+            start = 0
+            for end in ends:
+                key = _norm_sentence(text[start:end])
+                if key and key in seen:
+                    return True
+                seen.add(key)
+                start = end
+        return False
+
+
+def clean_answer(text: str, max_sentences: int, truncated: bool) -> str:
+    """Cut echoes of the prompt, repeated sentences and anything past ``max_sentences``.
+
+    ``truncated``: generation hit ``max_new_tokens``; an unfinished last sentence is dropped
+    when at least one complete sentence precedes it.
+    """
+    for marker in _ECHO_MARKERS:
+        cut = text.find(marker)
+        if cut >= 0:
+            text = text[:cut]
+            truncated = False
+    text = text.strip()
+    if not text:
+        return ""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text + " ")]
+    pieces, start = [], 0
+    for end in ends:
+        pieces.append(text[start:end])
+        start = end
+    tail = text[start:]
+    kept: list[str] = []
+    seen: set[str] = set()
+    for piece in pieces:
+        key = _norm_sentence(piece)
+        if key and key in seen:
+            tail = ""  # a repeat: the model is looping; what follows is noise
+            break
+        seen.add(key)
+        kept.append(piece)
+        if len(kept) >= max_sentences:
+            tail = ""
+            break
+    if tail.strip() and not (truncated and kept):
+        kept.append(tail)
+    out = "".join(kept).strip()
+    out = "\n".join(_SPACES.sub(" ", line).strip() for line in out.splitlines())
+    return re.sub(r"\n{3,}", "\n\n", out).strip()
+
+
+# --- the generator ---------------------------------------------------------------------------------
+
+
+class HFGenerator:
+    """Greedy answers from a local causal-LM folder, fast on CPU. Thread-safe (one lock).
+
+    Args:
+        model_dir: folder with config.json, *.safetensors and the tokenizer (and optionally
+            ``tutorbot_model.json``, whose ``name`` becomes ``self.name``).
+        engine: ``"fast"`` (our lean Llama decoder), ``"hf"`` (transformers ``generate``) or
+            ``"auto"`` (fast when the architecture is supported).
+        dtype: ``"auto"`` picks bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
+        quantize: ``"int8"`` stores decoder weights as int8 (weight-only, per output channel).
+            fast engine: ``torch._weight_int8pack_mm``; hf engine: dynamic int8 except
+            ``mlp.down_proj`` (quantizing its activations wrecks answers). Default ``"none"``.
+        threads: ``torch.set_num_threads`` (process-wide!). None leaves torch's default.
+        max_sentences: answers are cut after this many sentences.
+        max_prompt_tokens: longer prompts keep their start and end (the question).
+        name: overrides the manifest's name.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        *,
+        engine: Engine = "auto",
+        dtype: DType = "auto",
+        quantize: Quantize = "none",
+        threads: int | None = None,
+        max_sentences: int = 4,
+        max_prompt_tokens: int = 1536,
+        name: str | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.max_sentences = max_sentences
+        self.max_prompt_tokens = max_prompt_tokens
+        self._lock = threading.Lock()
+        if quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be 'none' or 'int8', not {quantize!r}")
+        if engine not in ("auto", "fast", "hf"):
+            raise ValueError(f"engine must be 'auto', 'fast' or 'hf', not {engine!r}")
+        started = time.monotonic()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import torch
+        except ImportError as exc:  # pragma: no cover - the venv has it
+            raise GenerationError(f"The answer model needs torch: {exc}") from exc
+        if threads is not None:
+            torch.set_num_threads(max(1, int(threads)))
+        if dtype == "auto":
+            dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
+        self.dtype = dtype
+        self.quantize = quantize
+        self._tokenizer, model = self._load(torch)
+        self._stop_ids = self._find_stop_ids(model)
+        use_fast = engine == "fast" or (engine == "auto" and _LlamaEngine.supports(model.config))
+        if engine == "fast" and not _LlamaEngine.supports(model.config):
+            raise GenerationError(
+                f"The model in {self.model_dir} ({model.config.model_type}) is not supported by the fast "
+                "engine; use engine='hf'."
+            )
+        try:
+            if use_fast:
+                self._engine: _LlamaEngine | _HFEngine = _LlamaEngine(model, dtype=dtype, quantize=quantize)
+            else:
+                self._engine = _HFEngine(model, self._tokenizer, dtype=dtype, quantize=quantize)
+        except Exception as exc:
+            raise GenerationError(f"Cannot prepare the answer model from {self.model_dir}: {exc}") from exc
+        self.engine = "fast" if use_fast else "hf"
+        self._name = name or read_model_name(self.model_dir)
+        logger.info(
+            "answer model %s loaded from %s in %.1f s (engine=%s, dtype=%s, quantize=%s, threads=%d)",
+            self._name,
+            self.model_dir,
+            time.monotonic() - started,
+            self.engine,
+            dtype,
+            quantize,
+            torch.get_num_threads(),
+        )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    # --- loading -------------------------------------------------------------------------------
+    def _load(self, torch: Any) -> tuple[Any, Any]:
+        folder = self.model_dir
+        if not folder.is_dir():
+            raise GenerationError(f"Cannot load the answer model: {folder} is not a folder.")
+        if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+            raise GenerationError(
+                f"Cannot load the answer model: {folder} is not a model folder "
+                "(it needs config.json and *.safetensors weights)."
+            )
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GenerationError(f"Cannot load the answer model from {folder}: {reason}") from exc
+        model.eval()
+        if tokenizer.chat_template is None:
+            raise GenerationError(
+                f"Cannot load the answer model from {folder}: its tokenizer has no chat template."
+            )
+        return tokenizer, model
+
+    def _find_stop_ids(self, model: Any) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (getattr(model, "generation_config", None), model.config, self._tokenizer):
+            eos = getattr(source, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, (list, tuple)):
+                ids.update(int(i) for i in eos)
+        vocab = self._tokenizer.get_vocab()
+        for tok in ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|eot_id|>"):
+            if tok in vocab:
+                ids.add(vocab[tok])
+        return frozenset(ids)
+
+    # --- generation ----------------------------------------------------------------------------
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """Token ids of the chat prompt for one request (the same prompt fine-tuning uses)."""
+        messages = build_messages(request.question, request.passages)
+        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) > self.max_prompt_tokens:
+            head = 64  # the system rule
+            ids = ids[:head] + ids[-(self.max_prompt_tokens - head) :]
+        return ids
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """Greedy answers, same order as ``requests``. Raises GenerationError on failure."""
+        if not requests:
+            return []
+        try:
+            prompts = [self.prompt_ids(r) for r in requests]
+            limits = [max(0, int(r.max_new_tokens)) for r in requests]
+            stops = [_Stop(self.max_sentences) for _ in requests]
+            with self._lock:
+                outputs = self._engine.decode(prompts, limits, self._stop_ids, self._make_checker(stops))
+        except GenerationError:
+            raise
+        except Exception as exc:
+            logger.exception("answer generation failed")
+            raise GenerationError(f"The answer model failed: {type(exc).__name__}: {exc}") from exc
+        answers = []
+        for ids, limit in zip(outputs, limits, strict=True):
+            stopped_by_token = bool(ids) and ids[-1] in self._stop_ids
+            text = self._tokenizer.decode(
+                [i for i in ids if i not in self._stop_ids], skip_special_tokens=True
+            )
+            truncated = not stopped_by_token and len(ids) >= limit
+            answers.append(clean_answer(text, self.max_sentences, truncated))
+        return answers
+
+    def generate_tokens(
+        self, requests: Sequence[GenerationRequest], *, ignore_stops: bool = False
+    ) -> list[list[int]]:
+        """Raw generated token ids (no clean-up). ``ignore_stops``: always produce ``max_new_tokens``
+        tokens (for measuring speed)."""
+        prompts = [self.prompt_ids(r) for r in requests]
+        limits = [max(0, int(r.max_new_tokens)) for r in requests]
+        if ignore_stops:
+            stop_ids: frozenset[int] = frozenset()
+
+            def check(row: int, ids: list[int]) -> bool:
+                return False
+
+        else:
+            stop_ids, check = (
+                self._stop_ids,
+                self._make_checker([_Stop(self.max_sentences) for _ in requests]),
+            )
+        with self._lock:
+            return self._engine.decode(prompts, limits, stop_ids, check)
+
+    def _make_checker(self, stops: list[_Stop]):
+        decode = self._tokenizer.decode
+
+        def check(row: int, ids: list[int]) -> bool:
+            return stops[row].check(decode(ids, skip_special_tokens=False))
+
+        return check
+
+
+# --- engines ---------------------------------------------------------------------------------------
+
+
+class _LlamaEngine:
+    """A lean greedy decoder for Llama-architecture models (SmolLM2), see the module docstring."""
+
+    @staticmethod
+    def supports(config: Any) -> bool:
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = (
+            rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        )
+        return (
+            getattr(config, "model_type", None) == "llama"
+            and not getattr(config, "attention_bias", False)
+            and not getattr(config, "mlp_bias", False)
+            and getattr(config, "hidden_act", "silu") == "silu"
+            and rope_type in (None, "default")
+        )
+
+    def __init__(self, model: Any, *, dtype: str, quantize: str) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        self.torch, self.F = torch, F
+        c = model.config
+        self.H = c.num_attention_heads
+        self.KV = c.num_key_value_heads
+        self.D = getattr(c, "head_dim", None) or c.hidden_size // self.H
+        self.I = c.intermediate_size
+        self.hidden = c.hidden_size
+        self.eps = float(c.rms_norm_eps)
+        self.cdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        rope = getattr(c, "rope_parameters", None) or {}
+        theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+        inv = 1.0 / (theta ** (torch.arange(0, self.D, 2, dtype=torch.float32) / self.D))
+        freqs = torch.outer(torch.arange(int(c.max_position_embeddings), dtype=torch.float32), inv)
+        self.cos = torch.cat([freqs.cos(), freqs.cos()], -1)
+        self.sin = torch.cat([freqs.sin(), freqs.sin()], -1)
+        self.max_positions = int(c.max_position_embeddings)
+
+        def lin(weight: Any) -> _Linear:
+            return _Linear(weight.detach(), self.cdt, quantize)
+
+        self.layers = []
+        with torch.no_grad():
+            for layer in model.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                self.layers.append(
+                    (
+                        layer.input_layernorm.weight.detach().float().clone(),
+                        lin(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0)),
+                        lin(a.o_proj.weight),
+                        layer.post_attention_layernorm.weight.detach().float().clone(),
+                        lin(torch.cat([m.gate_proj.weight, m.up_proj.weight], 0)),
+                        lin(m.down_proj.weight),
+                    )
+                )
+            self.norm = model.model.norm.weight.detach().float().clone()
+            self.embed = model.model.embed_tokens.weight.detach().to(self.cdt).clone()
+            self.head = lin(model.lm_head.weight)
+
+    def _rms(self, x: Any, w: Any) -> Any:
+        return self.F.rms_norm(x, (self.hidden,), w, self.eps).to(self.cdt)
+
+    def _rope(self, x: Any, cos: Any, sin: Any) -> Any:
+        xf = x.float()
+        half = self.D // 2
+        rotated = self.torch.cat([-xf[..., half:], xf[..., :half]], -1)
+        return (xf * cos + rotated * sin).to(self.cdt)
+
+    def _prefill(self, ids: list[int], cache_k: list[Any], cache_v: list[Any], row: int) -> int:
+        """Run one prompt, fill its cache row, return the first generated token."""
+        torch, F = self.torch, self.F
+        T = len(ids)
+        H, KV, D = self.H, self.KV, self.D
+        x = self.embed[torch.tensor(ids)].float().unsqueeze(0)  # [1, T, hidden], fp32 residual
+        cos, sin = self.cos[:T].unsqueeze(0), self.sin[:T].unsqueeze(0)  # broadcast over heads
+        for li, (n1, qkv, o, n2, gate_up, down) in enumerate(self.layers):
+            q, k, v = qkv(self._rms(x, n1)[0], prefill=True).split([H * D, KV * D, KV * D], -1)
+            q = self._rope(q.view(T, H, D).transpose(0, 1), cos, sin).unsqueeze(0)
+            k = self._rope(k.view(T, KV, D).transpose(0, 1), cos, sin)
+            v = v.view(T, KV, D).transpose(0, 1)
+            cache_k[li][row, :, :T] = k
+            cache_v[li][row, :, :T] = v
+            att = F.scaled_dot_product_attention(
+                q, k.unsqueeze(0), v.unsqueeze(0), is_causal=True, enable_gqa=True
+            )
+            x = x + o(att[0].transpose(0, 1).reshape(T, H * D), prefill=True).unsqueeze(0)
+            g, u = gate_up(self._rms(x, n2)[0], prefill=True).split([self.I, self.I], -1)
+            x = x + down(F.silu(g) * u, prefill=True).unsqueeze(0)
+        last = self._rms(x[0, -1:], self.norm)
+        return int(self.head(last, prefill=False).float().argmax(-1))
+
+    def _step(
+        self, tokens: Any, slots: list[int], lens: list[int], cache_k: list[Any], cache_v: list[Any]
+    ) -> Any:
+        """One decoding step for the running rows: tokens[b] sits at position lens[b] of cache slot slots[b]."""
+        torch, F = self.torch, self.F
+        B = tokens.shape[0]
+        H, KV, D = self.H, self.KV, self.D
+        pos = torch.tensor(lens)
+        rows = torch.tensor(slots)
+        cos, sin = self.cos[pos].view(B, 1, D), self.sin[pos].view(B, 1, D)
+        x = self.embed[tokens].float()  # [B, hidden]
+        for li, (n1, qkv, o, n2, gate_up, down) in enumerate(self.layers):
+            q, k, v = qkv(self._rms(x, n1), prefill=False).split([H * D, KV * D, KV * D], -1)
+            q = self._rope(q.view(B, H, D), cos, sin)
+            k = self._rope(k.view(B, KV, D), cos, sin)
+            ck, cv = cache_k[li], cache_v[li]
+            ck[rows, :, pos] = k
+            cv[rows, :, pos] = v.view(B, KV, D)
+            outs = [
+                F.scaled_dot_product_attention(
+                    q[b].view(1, H, 1, D),
+                    ck[slots[b] : slots[b] + 1, :, : lens[b] + 1],
+                    cv[slots[b] : slots[b] + 1, :, : lens[b] + 1],
+                    enable_gqa=True,
+                )
+                for b in range(B)
+            ]
+            att = outs[0] if B == 1 else torch.cat(outs, 0)
+            x = x + o(att.reshape(B, H * D), prefill=False)
+            g, u = gate_up(self._rms(x, n2), prefill=False).split([self.I, self.I], -1)
+            x = x + down(F.silu(g) * u, prefill=False)
+        return self.head(self._rms(x, self.norm), prefill=False).float().argmax(-1)
+
+    def decode(
+        self, prompts: list[list[int]], limits: list[int], stop_ids: frozenset[int], check
+    ) -> list[list[int]]:
+        torch = self.torch
+        n = len(prompts)
+        outputs: list[list[int]] = [[] for _ in range(n)]
+        active = [i for i in range(n) if limits[i] > 0]
+        if not active:
+            return outputs
+        capacity = max(len(prompts[i]) + limits[i] for i in active)
+        if capacity > self.max_positions:
+            raise GenerationError(
+                f"The prompt is too long for the model ({capacity} > {self.max_positions} tokens)."
+            )
+        with torch.inference_mode():
+            shape = (len(active), self.KV, capacity, self.D)
+            cache_k = [torch.empty(shape, dtype=self.cdt) for _ in self.layers]
+            cache_v = [torch.empty(shape, dtype=self.cdt) for _ in self.layers]
+            slot = {i: s for s, i in enumerate(active)}
+            lens = {}
+            for i in active:
+                first = self._prefill(prompts[i], cache_k, cache_v, slot[i])
+                outputs[i].append(first)
+                lens[i] = len(prompts[i])
+            running = [i for i in active if not self._finished(i, outputs, limits, stop_ids, check)]
+            while running:
+                # Finished rows simply drop out: the running rows address their own cache slots.
+                tokens = torch.tensor([outputs[i][-1] for i in running])
+                nxt = self._step(
+                    tokens, [slot[i] for i in running], [lens[i] for i in running], cache_k, cache_v
+                )
+                for i, t in zip(running, nxt.tolist(), strict=True):
+                    outputs[i].append(int(t))
+                    lens[i] += 1
+                running = [i for i in running if not self._finished(i, outputs, limits, stop_ids, check)]
+        return outputs
+
+    @staticmethod
+    def _finished(
+        i: int, outputs: list[list[int]], limits: list[int], stop_ids: frozenset[int], check
+    ) -> bool:
+        ids = outputs[i]
+        return ids[-1] in stop_ids or len(ids) >= limits[i] or check(i, ids)
+
+
+class _Linear:
+    """y = x @ W.T with W stored for fast CPU inference (bf16 pre-packed for oneDNN, or int8)."""
+
+    def __init__(self, weight: Any, cdt: Any, quantize: str) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        self.F, self.torch = F, torch
+        self.packed = None
+        self.q = None
+        w = weight.float()
+        if quantize == "int8":
+            # weight-only, symmetric, per output channel; activations stay in bf16/fp32
+            scale = w.abs().amax(1).clamp(min=1e-8) / 127.0
+            self.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(torch.bfloat16)
+            w = self.q.float() * scale[:, None]  # prefill uses the same (de-quantized) weights
+        self.w = w.to(cdt).contiguous()
+        if self.q is None and cdt == torch.bfloat16 and torch.backends.mkldnn.is_available():
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(self.w, 8)
+                probe = torch.randn(2, self.w.shape[1], dtype=cdt)
+                if torch.equal(self._packed_mm(probe, packed), F.linear(probe, self.w)):
+                    self.packed = packed
+            except (RuntimeError, AttributeError):  # no oneDNN bf16 support: plain linear
+                self.packed = None
+
+    def _packed_mm(self, x: Any, packed: Any) -> Any:
+        return self.torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    def __call__(self, x: Any, *, prefill: bool) -> Any:
+        if self.q is not None and not prefill:
+            if x.dtype != self.torch.bfloat16:
+                x = x.to(self.torch.bfloat16)
+            return self.torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        if x.dtype != self.w.dtype:
+            x = x.to(self.w.dtype)
+        if self.packed is not None:
+            return self._packed_mm(x, self.packed)
+        return self.F.linear(x, self.w)
+
+
+class _HFEngine:
+    """transformers ``generate`` with left padding (architectures the fast engine does not cover)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, dtype: str, quantize: str) -> None:
+        import torch
+
+        self.torch = torch
+        if dtype == "bfloat16" and quantize == "none":
+            model = model.to(torch.bfloat16)
+        if quantize == "int8":
+            # Dynamic int8 everywhere except mlp.down_proj, whose activations have outliers that
+            # per-tensor int8 destroys. Note: dynamic quantization scales activations per batch,
+            # so a batched answer can differ from the same question asked alone.
+            from torch.ao.quantization import quantize_dynamic
+
+            names = {
+                n
+                for n, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) and not n.endswith("down_proj") and n != "lm_head"
+            }
+            model = quantize_dynamic(model, names, dtype=torch.qint8)
+        self.model = model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def decode(
+        self, prompts: list[list[int]], limits: list[int], stop_ids: frozenset[int], check
+    ) -> list[list[int]]:
+        torch = self.torch
+        outputs: list[list[int]] = [[] for _ in prompts]
+        active = [i for i in range(len(prompts)) if limits[i] > 0]
+        if not active:
+            return outputs
+        width = max(len(prompts[i]) for i in active)
+        ids = torch.full((len(active), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(active), width), dtype=torch.long)
+        for r, i in enumerate(active):
+            p = prompts[i]
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(limits[i] for i in active),
+                do_sample=False,
+                eos_token_id=sorted(stop_ids),
+                pad_token_id=self.pad_id,
+            )
+        for r, i in enumerate(active):
+            gen: list[int] = []
+            for t in out[r, width:].tolist():
+                gen.append(int(t))
+                if t in stop_ids or len(gen) >= limits[i] or check(i, gen):
+                    break
+            outputs[i] = gen
+        return outputs
