@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -187,13 +188,27 @@ def _norm_question(q: str) -> str:
 
 
 def retrieve_passages(retriever, question: str, k: int = 5) -> tuple[Passage, ...]:
-    """The passages the tutor would hand the answer model for this question (same retrieval and choice)."""
-    from knowledge.tutor import Tutor
+    """The passages the tutor would hand the answer model for this question: the same retrieval, the
+    tutor's own relevance rule (``Tutor._relevant``) and its number of passages (``GEN_PASSAGES``)."""
+    from knowledge import tutor as tutor_mod
 
     hits = retriever.search(question, k)
-    chooser = Tutor(None, retriever, None, k=k)
-    relevant = chooser._relevant(hits) or hits  # a training question the gate would decline still gets context
-    return Tutor._passages(relevant)
+    try:
+        chooser = tutor_mod.Tutor(None, retriever, None, k=k)
+        arity = len(inspect.signature(chooser._relevant).parameters)
+        relevant = chooser._relevant(hits, question, retriever) if arity >= 3 else chooser._relevant(hits)
+    except Exception as exc:  # the tutor's internals moved: its documented floor, and say so once
+        global _WARNED
+        if not _WARNED:
+            log.warning("Tutor._relevant unavailable (%s); using the cosine floor for training passages", exc)
+            _WARNED = True
+        floor = getattr(tutor_mod, "MIN_COSINE_WITH_KEYWORDS", 0.2)
+        relevant = [h for h in hits if h.dense_score >= floor]
+    chosen = (relevant or hits)[: getattr(tutor_mod, "GEN_PASSAGES", 3)]  # a declined question still gets context
+    return tuple(Passage(h.chunk.title, h.chunk.section, h.chunk.text, h.source) for h in chosen)
+
+
+_WARNED = False
 
 
 def raw_items(course, feedback: Iterable[FeedbackItem] = ()) -> list[tuple[str, str, str, str]]:
