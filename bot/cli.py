@@ -239,7 +239,7 @@ def eval_retrieval(
 
 # --- answering ----------------------------------------------------------------------------------
 
-ModeOpt = Annotated[str | None, typer.Option("--mode", help="generative or extractive (default: the setting).")]
+ModeOpt = Annotated[str | None, typer.Option("--mode", help="auto, generative or extractive (default: the setting).")]
 
 
 def _runtime(course: Path | None, mode: str | None, quiet: bool = False):
@@ -248,8 +248,8 @@ def _runtime(course: Path | None, mode: str | None, quiet: bool = False):
     from knowledge.embedder import EmbedderError
     from knowledge.index import IndexError_
 
-    if mode not in (None, "generative", "extractive"):
-        raise fail(f"--mode must be generative or extractive, not {mode!r}")
+    if mode not in (None, "auto", "generative", "extractive"):
+        raise fail(f"--mode must be auto, generative or extractive, not {mode!r}")
     s = settings(course_dir=course, answer_mode=mode)
     setup_logging("ERROR" if quiet else "WARNING")
     try:

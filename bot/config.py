@@ -47,10 +47,11 @@ class Settings(BaseSettings):
     bm25_weight: float = Field(0.4, ge=0, description="Weight of the (max-normalised) BM25 score in the fused score.")
 
     # --- answering ------------------------------------------------------------------------
-    answer_mode: Literal["generative", "extractive"] = Field(
-        "generative",
-        description="generative: the answer model writes from the passages, checked against them; "
-        "extractive: the best sentences of the passages.",
+    answer_mode: Literal["auto", "generative", "extractive"] = Field(
+        "auto",
+        description="auto: the answer model writes (checked against the passages) once a fine-tuned model "
+        "has been promoted, extraction until then; generative: always the model (the base one if none is "
+        "promoted); extractive: the best sentences of the passages.",
     )
     generation_timeout_s: float = Field(
         20.0, gt=0, description="Generation slower than this falls back to the extractive answer."

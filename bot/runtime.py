@@ -64,15 +64,17 @@ def current_model_dir(settings: Settings, progress=None) -> Path:
 
 
 def load_generator(settings: Settings, progress=None) -> Generator | None:
-    """The answer model wrapped in a batching worker; None (extractive answers) if it cannot load."""
-    if settings.answer_mode != "generative":
+    """The answer model wrapped in a batching worker; None (extractive answers) if it cannot load.
+    In "auto" mode only a promoted (fine-tuned) model answers: the base model's words are too often
+    unsupported (docs/BENCHMARKS.md), so fine-tuning has to earn the model its place."""
+    if settings.answer_mode == "extractive" or (settings.answer_mode == "auto" and registry_token(settings) is None):
         return None
     try:
         from finetune.generator import HFGenerator
         from knowledge.batching import BatchingGenerator
 
         model_dir = current_model_dir(settings, progress)
-        inner = HFGenerator(model_dir, max_new_tokens=settings.max_new_tokens)
+        inner = HFGenerator(model_dir)
         return BatchingGenerator(inner, max_batch=settings.max_concurrent_generations,
                                  timeout_s=settings.generation_timeout_s)
     except Exception as exc:  # one clear line, then extractive answers
@@ -93,8 +95,9 @@ class TutorRuntime:
                               dense_weight=settings.dense_weight, bm25_weight=settings.bm25_weight)
         self._model_token = registry_token(settings)
         self.tutor = Tutor(self.course, retriever, load_generator(settings, self.progress),
-                           mode=settings.answer_mode, k=settings.retrieval_k,
-                           max_question_chars=settings.max_question_chars)
+                           mode="extractive" if settings.answer_mode == "extractive" else "generative",
+                           k=settings.retrieval_k,
+                           max_question_chars=settings.max_question_chars, max_new_tokens=settings.max_new_tokens)
 
     def _open_index(self, course: Course) -> KnowledgeIndex:
         target = self.settings.resolved_index_dir(course.id)
@@ -149,7 +152,7 @@ class TutorRuntime:
         """Reload when the registry's current model changed since the last load. Returns the new
         model's name, or None when nothing changed (or answers are extractive by setting)."""
         token = registry_token(self.settings)
-        if token == self._model_token or self.settings.answer_mode != "generative":
+        if token == self._model_token or self.settings.answer_mode == "extractive":
             return None
         return self.reload_model()
 

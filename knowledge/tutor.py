@@ -74,6 +74,7 @@ EXTRACT_MAX_CHARS = 600
 EXTRACT_EXTRA_MARGIN = 0.15  # measured: 0 -> 35/60 full answers, 0.05 -> 38, 0.2 -> 39; longer answers beyond
 MAX_ANSWER_SENTENCES = 4
 SUPPORT_MIN = 0.6  # share of a generated sentence's content words that must appear in the passages
+MIN_SENTENCE_SUPPORT = 0.55  # cosine of a generated sentence to its closest passage sentence
 
 _ZERO_WIDTH = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 # No \b after everyone/here: Discord pings "@here_" and "@everyone's" too.
@@ -91,7 +92,15 @@ _FOLLOWUP = re.compile(
 )
 _HEDGED = re.compile(r"\b(some (people )?(believe|think|assume)|misconception|myth|wrong approach|it is a mistake)\b", re.I)
 _SCAFFOLD = re.compile(r"^(question|reasoning|common mistakes?|answer|option [a-f]|step \d+)\b[^.]{0,40}:", re.I)
+_CITATION = re.compile(r"\[\d+(?:,\s*\d+)*\]|\b(the )?answer is:?\s*|\bsource:?\s*\[?\d*\]?", re.I)
 _NOT_COVERED = re.compile(r"(does not|doesn't|do not|don't) (cover|mention|say|answer)|not covered|no information", re.I)
+
+
+def _self_repeating(tokens: list[str]) -> bool:
+    """A sentence that says the same thing twice ("fine-tuning is a process of fine-tuning")."""
+    if len(tokens) < 4:
+        return False
+    return len(set(tokens)) / len(tokens) < 0.6
 
 
 def clean_question(text: str, max_chars: int) -> tuple[str, list[str]]:
@@ -124,6 +133,7 @@ class Tutor:
         k: int = 5,
         max_question_chars: int = 2000,
         min_cosine: float = MIN_COSINE,
+        max_new_tokens: int = 96,
     ):
         self.course = course
         self.retriever = retriever
@@ -132,6 +142,7 @@ class Tutor:
         self.k = k
         self.max_question_chars = max_question_chars
         self.min_cosine = min_cosine
+        self.max_new_tokens = max_new_tokens
         self._swap_lock = threading.Lock()
         self._vocab_cache: tuple[object, frozenset[str]] | None = None
 
@@ -184,8 +195,10 @@ class Tutor:
         confidence = round(self._confidence(relevant), 3)
         if self.mode == "generative" and generator is not None:
             try:
-                generated = generator.generate([GenerationRequest(text if query == text else query, self._passages(relevant))])[0]
-                checked = self._grounded(generated, relevant)
+                generated = generator.generate(
+                    [GenerationRequest(text if query == text else query, self._passages(relevant), self.max_new_tokens)]
+                )[0]
+                checked = self._grounded(generated, relevant, retriever)
                 if checked:
                     return done(text=checked, answered=True, confidence=confidence, sources=sources,
                                 mode="generative", model=generator.name)
@@ -260,7 +273,7 @@ class Tutor:
         cands: list[tuple[int, int, str]] = []
         for pi, h in enumerate(hits[:GEN_PASSAGES]):
             for si, s in enumerate(sentences(h.chunk.text)):
-                if len(s) >= 20 and not s.endswith(":"):
+                if len(s) >= 20 and not s.endswith((":", "?")):
                     cands.append((pi, si, s))
         if not cands:
             return hits[0].excerpt(400)
@@ -304,26 +317,33 @@ class Tutor:
             text = f"{heading.rstrip('.')}. {text}"  # headings such as "Results: 90% ..." carry the numbers
         return text
 
-    @staticmethod
-    def _grounded(generated: str, hits: list[Hit]) -> str | None:
-        """Keep the generated sentences whose content words (and numbers) appear in the passages."""
-        text = " ".join(_MENTION.sub(" ", generated or "").split())  # a model's words never ping
+    def _grounded(self, generated: str, hits: list[Hit], retriever: Retriever) -> str | None:
+        """Keep the generated sentences a student can trust: each must restate something the passages
+        say (its content words and numbers appear in them, and it is close in meaning to one of their
+        sentences), and none may repeat another. Citation scaffolding ("[2]", "The answer is:") goes."""
+        text = _CITATION.sub(" ", _MENTION.sub(" ", generated or ""))  # a model's words never ping
+        text = " ".join(text.split())
         if not text or _NOT_COVERED.search(text):
             return None
-        passage_text = " ".join(h.chunk.text for h in hits[:GEN_PASSAGES])
+        passages = hits[:GEN_PASSAGES]
+        passage_text = " ".join(h.chunk.text for h in passages)
         vocab = set(keyword_tokens(passage_text))
         numbers = set(re.findall(r"\d+(?:\.\d+)?", passage_text))
-        kept = []
-        for s in sentences(text):
-            toks = keyword_tokens(s)
-            if not toks:
+        cands, seen = [], set()
+        for sent in sentences(text):
+            toks = keyword_tokens(sent)
+            key = " ".join(toks)
+            if len(toks) < 2 or key in seen or _self_repeating(toks):
                 continue
+            seen.add(key)
             support = sum(t in vocab for t in toks) / len(toks)
-            nums_ok = all(n in numbers for n in re.findall(r"\d+(?:\.\d+)?", s))
+            nums_ok = all(n in numbers for n in re.findall(r"\d+(?:\.\d+)?", sent))
             if support >= SUPPORT_MIN and nums_ok:
-                kept.append(s)
-            if len(kept) == MAX_ANSWER_SENTENCES:
-                break
-        if not kept:
+                cands.append(sent)
+        if not cands:
             return None
-        return " ".join(kept)
+        source_sents = [x for h in passages for x in sentences(h.chunk.text)]
+        vecs = retriever.embedder.encode(cands + source_sents)
+        sims = vecs[: len(cands)] @ vecs[len(cands):].T
+        kept = [c for c, row in zip(cands, sims, strict=True) if row.max() >= MIN_SENTENCE_SUPPORT]
+        return " ".join(kept[:MAX_ANSWER_SENTENCES]) or None
