@@ -1,0 +1,140 @@
+"""Evaluation: metric functions, the question set through a tutor, the model card (fast, with fakes),
+and one real run of the base model on a two-example split (slow)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.data import Dataset, Example, dataset_hash
+from finetune.evaluate import (
+    PRIMARY_METRIC,
+    evaluate_model,
+    metrics_table,
+    model_card,
+    question_set,
+    token_f1,
+)
+from knowledge.generation import Passage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class BagOfWords:
+    """Deterministic fake embedder: hashed word counts, L2-normalised."""
+
+    name = "bow"
+    dim = 64
+
+    def encode(self, texts, **_kw):
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1
+        n = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(n == 0, 1, n)
+
+
+class EchoGenerator:
+    """Answers with the first passage's text (a stand-in for a model that copies its context)."""
+
+    name = "echo"
+
+    def generate(self, requests):
+        return [r.passages[0].text if r.passages else "" for r in requests]
+
+
+def ds_with(answers: list[tuple[str, str, str]]) -> Dataset:
+    exs = [Example(f"quiz:{i}", f"quiz:{i}", "quiz", q, a, (Passage("L", "S", p),)) for i, (q, a, p) in enumerate(answers)]
+    ds = Dataset(exs[:1], exs[:1], exs)
+    ds.manifest = {"sha256": dataset_hash(ds), "course_id": "c", "seed": 1,
+                   "counts": {"train": {"quiz": 1, "total": 1}, "val": {"quiz": 1, "total": 1},
+                              "test": {"quiz": len(exs), "total": len(exs)}}}
+    return ds
+
+
+def test_token_f1():
+    assert token_f1("The model learns patterns", "model learns patterns") == 1.0  # articles dropped
+    assert token_f1("cats", "dogs") == 0.0
+    assert 0 < token_f1("a low learning rate keeps knowledge", "low learning rate") < 1
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+
+
+def test_evaluate_with_a_fake_generator(tmp_path):
+    ds = ds_with([("q1", "general patterns from data", "general patterns from data"),
+                  ("q2", "a small focused dataset", "something unrelated entirely")])
+    m = evaluate_model(tmp_path, ds, generator=EchoGenerator(), embedder=BagOfWords(), with_loss=False)
+    assert m["n"] == 2 and m["primary_metric"] == PRIMARY_METRIC == "answer_cosine"
+    assert m["primary"] == m["answer_cosine"]
+    assert 0.4 < m["answer_cosine"] < 0.6  # one perfect, one unrelated
+    assert m["token_f1"] == pytest.approx(0.5)
+    assert m["examples"][0]["cosine"] == pytest.approx(1.0, abs=1e-4)
+
+
+class FakeTutor:
+    def __init__(self, facts_by_q):
+        self.facts = facts_by_q
+
+    def answer(self, question, history=()):
+        from knowledge.tutor import Answer
+
+        if question in self.facts:
+            return Answer(question, " and ".join(f[0] for f in self.facts[question]), True, 0.8, mode="generative")
+        return Answer(question, "Sorry, the course doesn't cover that.", False, 0.0, mode="declined")
+
+
+def test_question_set_scores_facts_and_abstention(tmp_path):
+    qfile = tmp_path / "qs.yaml"
+    qfile.write_text(
+        "questions:\n"
+        "  - id: a\n    question: what is x\n    facts: [[general, broad], [data]]\n"
+        "  - id: b\n    question: what is y\n    facts: [[slow]]\n"
+        "offtopic:\n  - id: o\n    message: capital of france\n",
+        encoding="utf-8",
+    )
+    tutor = FakeTutor({"what is x": [["general"], ["data"]], "what is y": [["fast"]]})
+    r = question_set(tutor, qfile, workers=2)
+    assert r["fact_coverage"] == 0.5 and r["facts_covered"] == pytest.approx(2 / 3)
+    assert r["abstention_recall"] == 1.0 and r["abstention_precision"] == 1.0 and r["generated_share"] == 1.0
+
+
+def test_shipped_question_set_is_readable():
+    import yaml
+
+    data = yaml.safe_load((ROOT / "benchmarks" / "data" / "tutor_questions.yaml").read_text(encoding="utf-8"))
+    assert len(data["questions"]) >= 40 and len(data["offtopic"]) >= 10
+
+
+def test_model_card_has_data_config_metrics_and_curves():
+    run = {"config": {"method": "freeze", "lr": 1e-4, "epochs": 4, "freeze_layers": 22}, "base_model": "SmolLM2-135M-Instruct",
+           "seconds": 321.0, "steps": 20, "epochs_done": 3.3, "stopped_early": True, "initial_val_loss": 2.2,
+           "best_val_loss": 1.4, "best_step": 12, "final_train_loss": 1.1, "train_curve": [[1, 2.5], [2, 2.0]],
+           "val_curve": [[0, 2.2], [12, 1.4]]}
+    manifest = {"course_id": "pretraining-finetuning", "seed": 13, "sha256": "f" * 64,
+                "counts": {"train": {"quiz": 30, "flashcard": 11, "total": 41}, "val": {"quiz": 7, "total": 7},
+                           "test": {"quiz": 9, "flashcard": 4, "total": 13}}}
+    before = {"model": "base:SmolLM2-135M-Instruct", "loss": 2.3, "answer_cosine": 0.55, "token_f1": 0.2,
+              "fact_coverage": 0.4, "primary_metric": "answer_cosine"}
+    after = {"model": "finetuned:x", "loss": 1.5, "answer_cosine": 0.71, "token_f1": 0.35, "fact_coverage": 0.5,
+             "primary_metric": "answer_cosine", "examples": [{"question": "q?", "reference": "r", "answer": "a"}]}
+    card = model_card(run, manifest, before, after, version="v3", decision="better; promoted v3")
+    for needle in ("# Model card: v3", "freeze", "| train | 30 | 11 | 0 | 0 | 41 |", "| before (step 0) |",
+                   "2.200", "1.400", "![train and validation loss](curves.png)", "| 0.550 | 0.710 |", "40%",
+                   "early-stopped", "**Decision:** better; promoted v3", "| lr | 0.0001 |"):
+        assert needle in card, needle
+    assert "fact" in metrics_table(before, after)
+
+
+@pytest.mark.slow
+def test_real_base_model_on_a_tiny_split():
+    from finetune.base_model import ensure_base_model
+
+    ds = ds_with([("What is fine-tuning?", "Adapting a pre-trained model to one task.",
+                   "Fine-tuning adapts a pre-trained model to one task with a small dataset.")])
+    m = evaluate_model(ensure_base_model(ROOT / "data"), ds, max_new_tokens=24)
+    assert m["model"] == "base:SmolLM2-135M-Instruct" and math.isfinite(m["loss"]) and m["loss"] > 0
+    assert -1 <= m["answer_cosine"] <= 1 and m["examples"][0]["answer"]
