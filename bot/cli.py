@@ -31,7 +31,12 @@ def _mount_optional() -> None:
     """Sub-apps that live in their own modules (quiz, fine-tuning, models, feedback)."""
     from bot.cli_quiz import quiz_app
 
+    from bot.cli_finetune import feedback_app, finetune_app, models_app
+
     app.add_typer(quiz_app, name="quiz", help="Validate the question bank, leaderboards, a terminal quiz.")
+    app.add_typer(finetune_app, name="finetune")
+    app.add_typer(models_app, name="models")
+    app.add_typer(feedback_app, name="feedback")
 
 
 _mount_optional()
