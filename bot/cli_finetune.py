@@ -120,6 +120,8 @@ def finetune(
     from finetune.train import main as train_main
     from knowledge.course import CourseError
 
+    if resume and output is None:
+        raise _fail("--resume needs --output RUN_DIR (the folder of the interrupted run)")
     s = _settings(course_dir=course)
     say = err.print
     started = time.monotonic()

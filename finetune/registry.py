@@ -372,6 +372,37 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+async def watch_current(registry: Registry, on_change, *, interval_s: float = 30.0, stop=None) -> None:
+    """Poll the registry and call ``on_change()`` (in a worker thread) whenever the current model
+    changes: the bot's hot reload. ``on_change`` is e.g. ``TutorRuntime.reload_model``, which swaps
+    the generator while answers in flight finish on the old one. A failing reload is logged and
+    retried at the next change; ``stop`` (an asyncio.Event) ends the loop.
+
+        asyncio.create_task(watch_current(Registry(settings.resolved_models_dir), runtime.reload_model))
+    """
+    import asyncio
+
+    token = registry.state_token()
+    while stop is None or not stop.is_set():
+        try:
+            if stop is None:
+                await asyncio.sleep(interval_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval_s)
+                if stop.is_set():
+                    return
+            current = await asyncio.to_thread(registry.state_token)
+            if current != token:
+                token = current
+                log.info("the current model changed (%s); reloading", current)
+                await asyncio.to_thread(on_change)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reloading the answer model failed; the previous model stays in service")
+
+
 def wait_for_change(registry: Registry, token: str, timeout_s: float, poll_s: float = 2.0) -> bool:
     """Block until the current model changes or ``timeout_s`` passes (for scripts; the bot polls)."""
     deadline = time.monotonic() + timeout_s

@@ -90,7 +90,9 @@ class TrainConfig:
     lr: float = _f(1e-4, "Peak learning rate: low, so the pre-trained knowledge is adjusted, not overwritten.")
     weight_decay: float = _f(0.0, "AdamW weight decay; with a few hundred steps it made no measurable difference.")
     warmup_ratio: float = _f(0.1, "Share of the steps with a linear warm-up, then linear decay to zero.")
-    dropout: float = _f(0.1, "Attention dropout in the trained layers (LoRA: adapter dropout): a brake on overfitting.")
+    dropout: float = _f(
+        0.1, "Residual dropout on the attention and MLP outputs of the trained layers: a brake on overfitting."
+    )
     lora_r: int = _f(16, "LoRA rank: 16 adapts enough for short answers; 8 learned visibly slower.")
     lora_alpha: int = _f(32, "LoRA scale (alpha / r = 2, the common choice).")
     lora_targets: str = _f(LORA_TARGETS, "Comma-separated linear layers that get adapters.")
@@ -270,9 +272,13 @@ def _load_model(cfg: TrainConfig, model_dir: Path, device):
     if cfg.method in ("freeze", "lora") and cfg.freeze_layers >= n_layers:
         raise TrainError(f"freeze_layers={cfg.freeze_layers} leaves nothing to train (the model has {n_layers} layers)")
     frozen = cfg.freeze_layers if cfg.method in ("freeze", "lora") else 0
-    for layer in model.model.layers[frozen:]:  # dropout only where weights learn
+    for layer in model.model.layers:
         if hasattr(layer, "self_attn"):
-            layer.self_attn.attention_dropout = cfg.dropout if cfg.method != "lora" else 0.0
+            # Attention dropout forces the slow math attention and a serial random mask of
+            # batch x heads x T x T per layer on CPU (measured: 0.7 s per layer per step at T=600).
+            layer.self_attn.attention_dropout = 0.0
+    if cfg.dropout > 0:
+        _add_residual_dropout(model.model.layers[frozen:], cfg.dropout)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -290,7 +296,7 @@ def _load_model(cfg: TrainConfig, model_dir: Path, device):
         for p in model.parameters():
             p.requires_grad_(False)
         lcfg = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,  # residual dropout instead (cheaper)
             target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
             layers_to_transform=list(range(frozen, n_layers)) if frozen else None,
             bias="none", task_type="CAUSAL_LM",
@@ -298,6 +304,25 @@ def _load_model(cfg: TrainConfig, model_dir: Path, device):
         model = get_peft_model(model, lcfg)
     model.to(device)
     return tokenizer, model, _Parts(model, frozen)
+
+
+def _add_residual_dropout(layers, p: float) -> None:
+    """GPT-2-style residual dropout: each trained layer's attention and MLP outputs are dropped (in
+    training mode only) before they join the residual stream. Same regularising role as attention
+    dropout at a twelfth of its cost on CPU."""
+    import torch.nn.functional as F
+
+    def on_output(module, _inputs, output):
+        if not module.training:
+            return output
+        if isinstance(output, tuple):
+            return (F.dropout(output[0], p, True), *output[1:])
+        return F.dropout(output, p, True)
+
+    for layer in layers:
+        for sub in (getattr(layer, "self_attn", None), getattr(layer, "mlp", None)):
+            if sub is not None:
+                sub.register_forward_hook(on_output)
 
 
 def _trainable(model) -> dict[str, Any]:
@@ -689,6 +714,7 @@ def main(config: TrainConfig, *, progress: Callable[[str], None] | None = None) 
             best_state = state.get("best")
             torch.set_rng_state(state["torch_rng"])
             random.setstate(state["py_rng"])
+            stopped_early = bool(state.get("stopped_early"))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"the checkpoint {ckpt} does not fit this model ({exc}); run without --resume") from exc
         resumed_from = step
@@ -702,6 +728,7 @@ def main(config: TrainConfig, *, progress: Callable[[str], None] | None = None) 
             "step": step, "micro": micro, "trainable": snapshot(), "optimizer": opt.state_dict(),
             "train_curve": train_curve, "val_curve": val_curve, "best_val": best_val, "best_step": best_step,
             "bad": bad, "best": best_state, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(),
+            "stopped_early": stopped_early,
         }
         meta = {"format": CHECKPOINT_FORMAT, "step": step, "total_steps": total, "data_sha256": ds.sha256,
                 "fingerprint": cfg.fingerprint(), "config": asdict(cfg), "base_model": str(base_dir),
@@ -730,7 +757,7 @@ def main(config: TrainConfig, *, progress: Callable[[str], None] | None = None) 
     bar = _bar(total, "fine-tuning", cfg.show_progress, initial=step)
     t_loop = time.monotonic()
     try:
-        while step < total:
+        while step < total and not stopped_early:
             lr = _lr_at(step, total, warmup, cfg.lr)
             for g in opt.param_groups:
                 g["lr"] = lr

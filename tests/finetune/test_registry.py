@@ -203,3 +203,25 @@ def test_runtime_uses_the_promoted_model(tmp_path):
     reg.register(run_dir(tmp_path, "a"), metrics(0.6))
     reg.promote("v1")
     assert current_model_dir(s) == s.resolved_models_dir / "v1"
+
+
+async def test_watch_current_reloads_on_promotion(reg, tmp_path):
+    import asyncio
+
+    from finetune.registry import watch_current
+
+    reg.register(run_dir(tmp_path, "a"), metrics(0.6))
+    reloads: list[str | None] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(watch_current(reg, lambda: reloads.append(reg.current_version()),
+                                             interval_s=0.02, stop=stop))
+    await asyncio.sleep(0.1)
+    assert reloads == []
+    reg.promote("v1")
+    for _ in range(100):
+        if reloads:
+            break
+        await asyncio.sleep(0.02)
+    assert reloads == ["v1"]
+    stop.set()
+    await asyncio.wait_for(task, 1)
