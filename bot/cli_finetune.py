@@ -170,7 +170,8 @@ def finetune(
 
         current_dir = current_model_dir(s)
         say(f"evaluating the model in service ({escape(str(current_dir))}) and the new one on the same test split")
-        before = evaluate_model(current_dir, ds, course=crs, retriever=retriever, progress=lambda m: say(escape(m)))
+        before = evaluate_model(current_dir, ds, course=crs, retriever=retriever, progress=lambda m: say(escape(m)),
+                                cache_dir=s.data_dir / "runs" / ".eval-cache")
         after = evaluate_model(run.model_dir, ds, course=crs, retriever=retriever, progress=lambda m: say(escape(m)))
         slim = {k: v for k, v in after.items() if k not in ("examples", "samples")}
         metrics = {

@@ -19,7 +19,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
 import re
 import string
 import time
@@ -148,11 +152,14 @@ def evaluate_model(
     max_new_tokens: int = 96,
     with_loss: bool = True,
     progress: Callable[[str], None] | None = None,
+    cache_dir: Path | str | None = None,
 ) -> dict:
     """Metrics of the model in ``model_dir`` on ``dataset``'s ``split`` (see the module docstring).
 
     ``questions``: a question set (YAML) answered through the Tutor with this model; needs
     ``course`` and ``retriever``. By default the sample course's set is used for the sample course.
+    ``cache_dir``: reuse a result computed before for the same model (manifest), data (sha256),
+    split, question set and settings: the model in service is evaluated once per dataset, not per run.
     """
     from finetune.generator import HFGenerator, read_model_name
     from knowledge.embedder import shared_minilm
@@ -162,6 +169,20 @@ def evaluate_model(
     model_dir = Path(model_dir)
     examples = dataset.split(split)
     name = read_model_name(model_dir)
+    if questions is None and course is not None and getattr(course, "id", None) == SAMPLE_COURSE_ID and TUTOR_QUESTIONS.is_file():
+        questions = TUTOR_QUESTIONS
+    use_questions = questions is not None and course is not None and retriever is not None
+    cache_file = None
+    if cache_dir is not None:
+        key = _cache_key(model_dir, dataset, split, questions if use_questions else None,
+                         (batch_size, max_new_tokens, with_loss, getattr(embedder, "name", "minilm")))
+        cache_file = Path(cache_dir) / f"{key}.json"
+        try:
+            cached = json.loads(cache_file.read_text(encoding="utf-8"))
+            say(f"{name}: evaluation reused from {cache_file.name} (same model, data and settings)")
+            return {**cached, "cached": True}
+        except (OSError, ValueError):
+            pass
     emb = embedder or shared_minilm()
     result: dict = {"model": name, "model_dir": str(model_dir), "split": split, "n": len(examples),
                     "primary_metric": PRIMARY_METRIC}
@@ -178,9 +199,7 @@ def evaluate_model(
     result["answer_words"] = round(sum(len(a.split()) for a in answers) / max(len(answers), 1), 1)
     result["examples"] = [{"question": e.question, "reference": e.answer, "answer": a, "cosine": round(c, 4)}
                           for e, a, c in list(zip(examples, answers, cos, strict=True))[:8]]
-    if questions is None and course is not None and getattr(course, "id", None) == SAMPLE_COURSE_ID and TUTOR_QUESTIONS.is_file():
-        questions = TUTOR_QUESTIONS
-    if questions is not None and course is not None and retriever is not None:
+    if use_questions:
         from knowledge.batching import BatchingGenerator
         from knowledge.tutor import Tutor
 
@@ -194,7 +213,28 @@ def evaluate_model(
         result.update({k: (round(v, 5) if isinstance(v, float) else v) for k, v in qs.items()})
     result["primary"] = result.get(PRIMARY_METRIC)
     result["seconds"] = round(time.monotonic() - t0, 1)
+    if cache_file is not None:
+        with contextlib.suppress(OSError):
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.tmp")
+            tmp.write_text(json.dumps(result, default=str), encoding="utf-8")
+            os.replace(tmp, cache_file)
     return result
+
+
+def _cache_key(model_dir: Path, dataset: Dataset, split: str, questions, settings: tuple) -> str:
+    """Identity of an evaluation: the model's manifest (or its weights' size and time), the data,
+    the question set's content and the settings."""
+    try:
+        ident = (model_dir / "tutorbot_model.json").read_text(encoding="utf-8")
+    except OSError:
+        ident = str(model_dir.resolve())
+    for w in sorted(model_dir.glob("*.safetensors")):
+        st = w.stat()
+        ident += f"|{w.name}:{st.st_size}:{st.st_mtime_ns}"
+    qtext = Path(questions).read_text(encoding="utf-8") if questions else ""
+    raw = json.dumps([ident, dataset.sha256, split, qtext, list(settings)], sort_keys=True)
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:24]
 
 
 # --- the model card --------------------------------------------------------------------------------

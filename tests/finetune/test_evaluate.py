@@ -138,3 +138,26 @@ def test_real_base_model_on_a_tiny_split():
     m = evaluate_model(ensure_base_model(ROOT / "data"), ds, max_new_tokens=24)
     assert m["model"] == "base:SmolLM2-135M-Instruct" and math.isfinite(m["loss"]) and m["loss"] > 0
     assert -1 <= m["answer_cosine"] <= 1 and m["examples"][0]["answer"]
+
+
+def test_evaluation_of_the_same_model_and_data_is_cached(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "tutorbot_model.json").write_text('{"name": "v1"}')
+
+    class Counting(EchoGenerator):
+        calls = 0
+
+        def generate(self, requests):
+            Counting.calls += 1
+            return super().generate(requests)
+
+    ds = ds_with([("q1", "general patterns", "general patterns")])
+    kw = dict(generator=Counting(), embedder=BagOfWords(), with_loss=False, cache_dir=tmp_path / "cache")
+    first = evaluate_model(tmp_path / "m", ds, **kw)
+    again = evaluate_model(tmp_path / "m", ds, **kw)
+    assert Counting.calls == 1 and again["cached"] and again["answer_cosine"] == first["answer_cosine"]
+    other = ds_with([("q1", "general patterns", "general patterns"), ("q2", "x", "y")])
+    evaluate_model(tmp_path / "m", other, **kw)  # different data: evaluated again
+    (tmp_path / "m" / "tutorbot_model.json").write_text('{"name": "v2"}')
+    evaluate_model(tmp_path / "m", ds, **kw)  # a different model in the same folder: again
+    assert Counting.calls == 3
