@@ -38,8 +38,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{mem}, Python {platform.python_version()}{tv}"
 
 
+def load_average() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
 def stamp() -> str:
-    return f"_Run {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}._"
+    """When and where, with the 1-minute load average at the end of the run (other work on the same
+    2 cores slows every figure, latencies most)."""
+    return (f"_Run {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}; "
+            f"load average {load_average()} when it finished._")
 
 
 def write_section(name: str, body: str) -> None:
