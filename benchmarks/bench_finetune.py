@@ -93,6 +93,7 @@ def main() -> None:
 
     from finetune.base_model import ensure_base_model
     from finetune.data import Dataset, build_dataset
+    from finetune.evaluate import serving_quantize
     from finetune.generator import HFGenerator
     from finetune.train import TrainConfig
     from finetune.train import main as train_main
@@ -158,7 +159,7 @@ def main() -> None:
         if system == "base":
             gen = BatchingGenerator(HFGenerator(base_dir), max_batch=8)
         elif system == "finetuned":
-            gen = BatchingGenerator(HFGenerator(model_dir), max_batch=8)
+            gen = BatchingGenerator(HFGenerator(model_dir, quantize=serving_quantize(model_dir)), max_batch=8)
         tutor = Tutor(course, retriever, gen, mode="extractive" if gen is None else "generative", min_cosine=-1.0)
         out = {}
         for key, qs in sets.items():

@@ -91,6 +91,15 @@ def split_loss(model_dir: Path | str, examples: Sequence[Example], *, batch_size
     return evaluate_loss(_Parts(model, 0), _Batcher(enc, pad, torch.device("cpu"), None), len(enc), batch_size)
 
 
+def serving_quantize(model_dir: Path | str) -> str:
+    """The quantization a model folder asks for in its manifest (fine-tuned: "none"), else "auto"."""
+    try:
+        q = json.loads((Path(model_dir) / "tutorbot_model.json").read_text(encoding="utf-8")).get("quantize")
+    except (OSError, ValueError, AttributeError):
+        q = None
+    return q if q in ("none", "int8", "int4") else "auto"
+
+
 def generate_answers(generator, examples: Sequence[Example], *, batch_size: int = 8, max_new_tokens: int = 96,
                      progress: Callable[[int, int], None] | None = None) -> list[str]:
     from knowledge.generation import GenerationRequest
@@ -189,7 +198,7 @@ def evaluate_model(
     if with_loss:
         say(f"{name}: loss on the {split} split ({len(examples)} examples)")
         result["loss"] = round(split_loss(model_dir, examples), 5)
-    gen = generator or HFGenerator(model_dir)
+    gen = generator or HFGenerator(model_dir, quantize=serving_quantize(model_dir))
     say(f"{name}: answering the {split} split")
     answers = generate_answers(gen, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
     refs = [e.answer for e in examples]

@@ -825,6 +825,11 @@ def main(config: TrainConfig, *, progress: Callable[[str], None] | None = None) 
         "method": cfg.method,
         "data_sha256": ds.sha256,
         "dtype": "float32",
+        # Fine-tuned weights are off the packaged model's 4-bit grid: re-quantizing them to int4
+        # undoes most of the fine-tuning (sample course, validation loss: base 2.187, fine-tuned
+        # 2.036 in fp32, 2.037 in bf16, 2.169 re-quantized to int4 group-32). Serve them unquantized.
+        "quantize": "none",
+        "trained_layers": list(range(parts.frozen_bottom, len(parts.all_layers))) if cfg.method != "full" else "all",
         "parameters": n_total if cfg.method != "lora" else sum(
             p.numel() for n, p in model.named_parameters() if "lora_" not in n),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
