@@ -294,15 +294,12 @@ def bench(folder: Path, rounds: int, variants: bool, threads: int | None) -> dic
 
 
 VARIANTS = {
-    "fast, bf16 (default)": {"engine": "fast", "dtype": "bfloat16"},
-    "fast, fp32": {"engine": "fast", "dtype": "float32"},
-    "fast, int8 weight-only": {"engine": "fast", "dtype": "bfloat16", "quantize": "int8"},
-    "hf generate, bf16": {"engine": "hf", "dtype": "bfloat16"},
-    "hf generate, fp32 + dynamic int8 (not down_proj)": {
-        "engine": "hf",
-        "dtype": "float32",
-        "quantize": "int8",
-    },
+    "fast, bf16 + int4 decode weights (default)": {"engine": "fast", "dtype": "bfloat16", "quantize": "int4"},
+    "fast, bf16": {"engine": "fast", "dtype": "bfloat16", "quantize": "none"},
+    "fast, bf16 + int8 decode weights": {"engine": "fast", "dtype": "bfloat16", "quantize": "int8"},
+    "fast, fp32": {"engine": "fast", "dtype": "float32", "quantize": "none"},
+    "hf generate, bf16": {"engine": "hf", "dtype": "bfloat16", "quantize": "none"},
+    "hf generate, fp32 + dynamic int8 (not down_proj)": {"engine": "hf", "dtype": "float32", "quantize": "int8"},
 }
 
 

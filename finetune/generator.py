@@ -66,6 +66,15 @@ def cpu_has_fast_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def default_threads() -> int:
+    """Cores this process may use (at most 8; more does not help a 135M model)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
 def read_model_name(folder: Path) -> str:
     """The model's display name from its manifest ('base:SmolLM2-135M-Instruct', 'v3', ...)."""
     try:
@@ -172,7 +181,10 @@ class HFGenerator:
             fp32 than int4 here). Prefill always uses bf16 copies of the same weights. With
             ``engine="hf"``, any quantization means dynamic int8 except ``mlp.down_proj``
             (quantizing its activations wrecks answers).
-        threads: ``torch.set_num_threads`` (process-wide!). None leaves torch's default.
+        threads: most cores one generation uses (None: torch's default, the physical cores).
+            Only the threads that generate are affected (torch's thread count is per thread).
+            Prefill runs one thread per prompt, prompts side by side; decoding picks 1 or
+            ``threads`` by measuring both (see ``_Threads``).
         max_sentences: answers are cut after this many sentences.
         max_prompt_tokens: longer prompts keep their start and end (the question).
         name: overrides the manifest's name.
@@ -204,8 +216,7 @@ class HFGenerator:
             import torch
         except ImportError as exc:  # pragma: no cover - the venv has it
             raise GenerationError(f"The answer model needs torch: {exc}") from exc
-        if threads is not None:
-            torch.set_num_threads(max(1, int(threads)))
+        self.threads = max(1, int(threads)) if threads is not None else default_threads()
         if dtype == "auto":
             dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
         if dtype not in ("bfloat16", "float32"):
@@ -224,9 +235,13 @@ class HFGenerator:
             )
         try:
             if use_fast:
-                self._engine: _LlamaEngine | _HFEngine = _LlamaEngine(model, dtype=dtype, quantize=quantize)
+                self._engine: _LlamaEngine | _HFEngine = _LlamaEngine(
+                    model, dtype=dtype, quantize=quantize, threads=self.threads
+                )
             else:
-                self._engine = _HFEngine(model, self._tokenizer, dtype=dtype, quantize=quantize)
+                self._engine = _HFEngine(
+                    model, self._tokenizer, dtype=dtype, quantize=quantize, threads=self.threads
+                )
         except Exception as exc:
             raise GenerationError(f"Cannot prepare the answer model from {self.model_dir}: {exc}") from exc
         self.engine = "fast" if use_fast else "hf"
@@ -239,7 +254,7 @@ class HFGenerator:
             self.engine,
             dtype,
             quantize,
-            torch.get_num_threads(),
+            self.threads,
         )
 
     @property
@@ -373,11 +388,12 @@ class _LlamaEngine:
             and rope_type in (None, "default")
         )
 
-    def __init__(self, model: Any, *, dtype: str, quantize: str) -> None:
+    def __init__(self, model: Any, *, dtype: str, quantize: str, threads: int) -> None:
         import torch
         import torch.nn.functional as F
 
         self.torch, self.F = torch, F
+        self.threads = _Threads(threads)
         c = model.config
         self.H = c.num_attention_heads
         self.KV = c.num_key_value_heads
@@ -490,6 +506,13 @@ class _LlamaEngine:
             x = x + layer.down(layer.mlp(self._rms(x, layer.norm2), prefill=False), prefill=False)
         return self.head(self._rms(x, self.norm), prefill=False).float().argmax(-1)
 
+    def _probe(self, batch: int) -> None:
+        """The matrix products of one layer for ``batch`` rows: a cheap sample of a decoding step."""
+        layer = self.layers[0]
+        x = self.torch.zeros(batch, self.hidden, dtype=self.cdt)
+        layer.qkv(x, prefill=False)
+        layer.down(layer.mlp(x, prefill=False), prefill=False)
+
     def decode(
         self, prompts: list[list[int]], limits: list[int], stop_ids: frozenset[int], check
     ) -> list[list[int]]:
@@ -509,18 +532,21 @@ class _LlamaEngine:
             cache_k = [torch.empty(shape, dtype=self.cdt) for _ in self.layers]
             cache_v = [torch.empty(shape, dtype=self.cdt) for _ in self.layers]
             slot = {i: s for s, i in enumerate(active)}
+            firsts = self.threads.prefill_all(
+                lambda i: self._prefill(prompts[i], cache_k, cache_v, slot[i]), active
+            )
             lens = {}
-            for i in active:
-                first = self._prefill(prompts[i], cache_k, cache_v, slot[i])
+            for i, first in zip(active, firsts, strict=True):
                 outputs[i].append(first)
                 lens[i] = len(prompts[i])
             running = [i for i in active if not self._finished(i, outputs, limits, stop_ids, check)]
             while running:
                 # Finished rows simply drop out: the running rows address their own cache slots.
                 tokens = torch.tensor([outputs[i][-1] for i in running])
-                nxt = self._step(
-                    tokens, [slot[i] for i in running], [lens[i] for i in running], cache_k, cache_v
-                )
+                with self.threads.decoding(len(running), lambda b=len(running): self._probe(b)):
+                    nxt = self._step(
+                        tokens, [slot[i] for i in running], [lens[i] for i in running], cache_k, cache_v
+                    )
                 for i, t in zip(running, nxt.tolist(), strict=True):
                     outputs[i].append(int(t))
                     lens[i] += 1
@@ -533,6 +559,146 @@ class _LlamaEngine:
     ) -> bool:
         ids = outputs[i]
         return ids[-1] in stop_ids or len(ids) >= limits[i] or check(i, ids)
+
+
+class _Threads:
+    """How many cores each phase uses, chosen for robustness on shared machines.
+
+    torch's intra-op thread count is per calling thread (an OpenMP setting), so this only touches
+    the threads generation runs on. Two lessons measured on a shared 2-core machine:
+
+    * Splitting small operators over 2 cores is a trap when another process keeps one core
+      busy: every operator waits for the descheduled thread. A decoding step took 1.2 s on 2
+      threads against 25 ms on 1 with the machine loaded; with idle cores, 2 threads can be faster.
+      Decoding operators give identical results for any thread count, so the count is chosen by
+      measurement: steps run on the faster setting, and the other one is re-tried now and then
+      (rarely, and ever more rarely while it keeps losing).
+    * Prefill runs each prompt on ONE thread (oneDNN splits some large products differently for
+      different thread counts, and answers must not depend on load); several prompts are
+      prefilled side by side on a small pool, which uses the cores without any cross-core waiting.
+    """
+
+    BUCKETS = (1, 4)  # decoding batch sizes measured separately: 1, 2-4, 5+
+    FIRST_TRY_S = 0.5  # decoding time before the other setting is first tried
+    MAX_GAP_S = 60.0  # longest wait between two tries of a losing setting
+
+    def __init__(self, max_threads: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.max_threads = max(1, max_threads)
+        self._pool: Any = None
+        self._pool_lock = threading.Lock()
+        self._local = threading.local()
+        self._ema: dict[tuple[int, int], float] = {}
+        self._next_try: dict[int, float] = {}
+        self._gap: dict[int, float] = {}
+
+    def _set(self, n: int) -> None:
+        """Set this thread's torch thread count (cheap when unchanged)."""
+        if getattr(self._local, "n", None) != n:
+            self.torch.set_num_threads(n)
+            self._local.n = n
+
+    # --- prefill ---------------------------------------------------------------------------------
+    def prefill_all(self, prefill: Any, rows: list[int]) -> list[int]:
+        if self.max_threads == 1 or len(rows) == 1:
+            self._set(1)
+            return [prefill(i) for i in rows]
+        torch = self.torch
+
+        def run(i: int) -> int:
+            with torch.inference_mode():
+                return prefill(i)
+
+        return list(self._get_pool().map(run, rows))
+
+    def _get_pool(self) -> Any:
+        with self._pool_lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(
+                    self.max_threads,
+                    thread_name_prefix="tutorbot-prefill",
+                    initializer=self.torch.set_num_threads,
+                    initargs=(1,),
+                )
+            return self._pool
+
+    # --- decoding --------------------------------------------------------------------------------
+    def decoding(self, batch: int, probe: Any) -> _TimedStep:
+        """Context for one decoding step of ``batch`` rows; ``probe()`` runs a tiny sample of it."""
+        return _TimedStep(self, sum(batch > b for b in self.BUCKETS), probe)
+
+    def _best(self, bucket: int) -> int:
+        one, many = self._ema.get((bucket, 1)), self._ema.get((bucket, self.max_threads))
+        if many is None or (one is not None and one <= many):
+            return 1
+        return self.max_threads
+
+    def _choose(self, bucket: int, now: float, probe: Any) -> int:
+        if self.max_threads == 1:
+            return 1
+        next_try = self._next_try.setdefault(bucket, now + self.FIRST_TRY_S)
+        best = self._best(bucket)
+        if now < next_try:
+            return best
+        other = self.max_threads if best == 1 else 1
+        if other == self.max_threads and not self._probe_says_more_is_faster(probe):
+            # Busy cores: a whole step on several threads could take 50x longer; skip this try.
+            self._postpone(bucket, now, lost=True)
+            return best
+        return other
+
+    def _probe_says_more_is_faster(self, probe: Any) -> bool:
+        """Time a few small products (a ms or so) on 1 and on max threads; True if max is faster."""
+        times = {}
+        for n in (1, self.max_threads, 1, self.max_threads):
+            self._set(n)
+            t = time.perf_counter()
+            probe()
+            times[n] = min(times.get(n, float("inf")), time.perf_counter() - t)
+        return times[self.max_threads] < times[1]
+
+    def _postpone(self, bucket: int, now: float, *, lost: bool) -> None:
+        gap = min(self._gap.get(bucket, 1.0) * 2, self.MAX_GAP_S) if lost else 1.0
+        self._gap[bucket] = gap
+        self._next_try[bucket] = now + gap
+
+    def _record(self, bucket: int, n: int, seconds: float, now: float) -> None:
+        if self.max_threads == 1:
+            return
+        best_before = self._best(bucket)
+        key = (bucket, n)
+        old = self._ema.get(key)
+        self._ema[key] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        if n != best_before:  # that was a try of the other setting
+            self._postpone(bucket, now, lost=self._best(bucket) == best_before)
+
+    def describe(self) -> dict[str, float]:
+        """Measured decoding step times (ms) per batch bucket and thread count."""
+        return {
+            f"batch{('1', '2-4', '5+')[b]}_threads{n}_ms": round(v * 1000, 2)
+            for (b, n), v in sorted(self._ema.items())
+        }
+
+
+class _TimedStep:
+    """Times one decoding step on the thread count the chooser picks."""
+
+    def __init__(self, threads: _Threads, bucket: int, probe: Any) -> None:
+        self.threads, self.bucket, self.probe = threads, bucket, probe
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+        self.n = self.threads._choose(self.bucket, self.started, self.probe)
+        self.started = time.perf_counter()
+        self.threads._set(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        now = time.perf_counter()
+        self.threads._record(self.bucket, self.n, now - self.started, now)
 
 
 @dataclass
@@ -673,10 +839,11 @@ class _Linear:
 class _HFEngine:
     """transformers ``generate`` with left padding (architectures the fast engine does not cover)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, dtype: str, quantize: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, dtype: str, quantize: str, threads: int) -> None:
         import torch
 
         self.torch = torch
+        self.threads = threads
         if dtype == "bfloat16" and quantize == "none":
             model = model.to(torch.bfloat16)
         if quantize != "none":
@@ -709,6 +876,7 @@ class _HFEngine:
             p = prompts[i]
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
+        torch.set_num_threads(self.threads)  # this thread only
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids,
