@@ -53,7 +53,6 @@ _ECHO_MARKERS = (
     "\nQuestion:",
     "Question:",
 )
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
 _SPACES = re.compile(r"[ \t]+")
 
 
@@ -92,9 +91,35 @@ def read_model_name(folder: Path) -> str:
 
 # --- answer text: stopping and clean-up ----------------------------------------------------------
 
+# A sentence ends at . ! ? (optionally followed by closing quotes, brackets or bold markers) before
+# whitespace, except after a digit: "0.1", and list numbers such as "2." are not sentence ends.
+_SENTENCE_END = re.compile(r"(?<![0-9])[.!?][\"')\]*_]*(?=\s)")
+_BOILERPLATE = re.compile(
+    r"^\s*(?:the\s+)?(?:short\s+)?answer(?:\s+to\s+(?:the|this|your)\s+question)?\s+is\s*:\s*", re.IGNORECASE
+)
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s*", re.MULTILINE)
+_WORD = re.compile(r"\w+")
+REPEAT_NGRAM = 6  # the same 6 words twice: the model is looping
+
 
 def _norm_sentence(s: str) -> str:
     return re.sub(r"\W+", " ", s.lower()).strip()
+
+
+def _repeat_start(text: str, n: int = REPEAT_NGRAM) -> int | None:
+    """Character offset where a run of ``n`` words repeats an earlier run, or None."""
+    words = [(m.group().lower(), m.start()) for m in _WORD.finditer(text)]
+    seen: set[tuple[str, ...]] = set()
+    for i in range(len(words) - n + 1):
+        gram = tuple(w for w, _ in words[i : i + n])
+        if gram in seen:
+            return words[i][1]
+        seen.add(gram)
+    return None
+
+
+def _sentence_ends(text: str) -> list[int]:
+    return [m.end() for m in _SENTENCE_END.finditer(text)]
 
 
 @dataclass
@@ -107,36 +132,40 @@ class _Stop:
         """True when generation of this answer can stop (enough sentences, echo, repetition)."""
         if any(m in text for m in _ECHO_MARKERS):
             return True
-        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        text = _BOILERPLATE.sub("", text)
+        ends = _sentence_ends(text)
         if len(ends) >= self.max_sentences:
             return True
-        if len(ends) >= 2:
-            seen = set()
-            start = 0
-            for end in ends:
-                key = _norm_sentence(text[start:end])
-                if key and key in seen:
-                    return True
-                seen.add(key)
-                start = end
-        return False
+        seen, start = set(), 0
+        for end in ends:
+            key = _norm_sentence(text[start:end])
+            if key and key in seen:
+                return True
+            seen.add(key)
+            start = end
+        return _repeat_start(text) is not None
 
 
 def clean_answer(text: str, max_sentences: int, truncated: bool) -> str:
-    """Cut echoes of the prompt, repeated sentences and anything past ``max_sentences``.
+    """The answer as shown to students: the model's text without its typical noise.
 
-    ``truncated``: generation hit ``max_new_tokens``; an unfinished last sentence is dropped
-    when at least one complete sentence precedes it.
+    Cuts echoes of the prompt, a looping repeat (a repeated sentence or 6-word run) and anything
+    past ``max_sentences``; drops an "The answer is:" opener and Markdown heading marks.
+    ``truncated``: generation stopped mid-way (token limit or a cut repeat); an unfinished last
+    sentence is dropped when at least one complete sentence precedes it.
     """
     for marker in _ECHO_MARKERS:
         cut = text.find(marker)
         if cut >= 0:
             text = text[:cut]
             truncated = False
-    text = text.strip()
+    text = _HEADING.sub("", _BOILERPLATE.sub("", text.strip())).strip()
+    repeat = _repeat_start(text)
+    if repeat is not None:
+        text, truncated = text[:repeat].rstrip(" ,;:-"), True
     if not text:
         return ""
-    ends = [m.end() for m in _SENTENCE_END.finditer(text + " ")]
+    ends = _sentence_ends(text + " ")
     pieces, start = [], 0
     for end in ends:
         pieces.append(text[start:end])

@@ -10,10 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+# Measured on the base SmolLM2-135M with 8 course questions (benchmarks/bench_generation.py):
+# "You are a course tutor" made it answer about "the course tutor"; this wording kept more of
+# the answers' words in the passages (69% vs 58%). Longer passages help too: 550 characters
+# instead of 700 dropped that share to 43%.
 SYSTEM_PROMPT = (
-    "You are a course tutor. Answer the student's question using only the course passages. "
-    "Reply in at most three short sentences in plain language. "
-    "If the passages do not answer the question, say that the course does not cover it."
+    "Answer the question in two or three sentences, using only the passages below. "
+    "If they do not contain the answer, say that the course does not cover it."
 )
 MAX_PASSAGE_CHARS = 700  # keeps the prompt near 500 tokens with three passages
 

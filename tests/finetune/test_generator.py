@@ -69,12 +69,35 @@ def test_clean_answer_drops_an_unfinished_sentence_only_when_cut_by_the_token_li
     assert clean_answer("  \n ", 4, truncated=False) == ""
 
 
+def test_clean_answer_drops_openers_headings_and_phrase_loops():
+    assert clean_answer("The answer is: ### Adapters\nAdapters are small modules.", 4, False) == (
+        "Adapters\nAdapters are small modules."
+    )
+    assert clean_answer("The answer to the question is: It is cheap.", 4, False) == "It is cheap."
+    loop = "Freezing is a way to change the layers and a way to change the layers and a way to"
+    assert clean_answer(loop, 4, truncated=False) == "Freezing is a way to change the layers and"
+    loop2 = "It is cheap. Freezing is a way to change the layers and a way to change the layers and"
+    assert clean_answer(loop2, 4, truncated=False) == "It is cheap."
+
+
+def test_list_numbers_and_decimals_are_not_sentence_ends():
+    assert clean_answer("1. **Overfitting shows in the loss**. 2.", 4, truncated=True) == (
+        "1. **Overfitting shows in the loss**."
+    )
+    assert (
+        clean_answer("Use 2e-5 or 0.0001. It works. More", 4, truncated=True)
+        == "Use 2e-5 or 0.0001. It works."
+    )
+
+
 def test_stop_rule():
     stop = _Stop(max_sentences=2)
     assert not stop.check("One sentence. And a sec")
     assert stop.check("One sentence. Two sentences. ")
     assert stop.check("Answer. Question: what")
     assert _Stop(4).check("Same thing. Same thing. ")
+    assert _Stop(4).check("a way to change the layers and a way to change the layers")
+    assert not _Stop(2).check("1. First point 2. Second point")  # list numbers are not sentences
 
 
 def test_name_comes_from_the_manifest(tmp_path):
