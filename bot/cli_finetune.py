@@ -149,7 +149,7 @@ def finetune(
             items = reviewed_feedback(s, say) if feedback else []
             say(f"building the dataset for [bold]{escape(crs.title)}[/] ({len(crs.quizzes)} quiz questions, "
                 f"{len(crs.flashcards)} flashcards, {len(crs.faq)} FAQ records, {len(items)} reviewed answers)")
-            ds = build_dataset(crs, retriever, feedback=items, seed=cfg.seed, out_dir=data_dir,
+            ds = build_dataset(crs, retriever, feedback=items, seed=cfg.seed, lessons=cfg.data_lessons, out_dir=data_dir,
                                progress=lambda m: say(escape(m)))
         counts = ds.manifest["counts"]
         say(f"dataset: {counts['train']['total']} train / {counts['val']['total']} validation / "

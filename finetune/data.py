@@ -41,7 +41,7 @@ from knowledge.generation import Passage, build_messages
 log = logging.getLogger(__name__)
 
 FORMAT = "tutorbot-dataset/1"
-KINDS = ("quiz", "flashcard", "faq", "feedback")
+KINDS = ("quiz", "flashcard", "faq", "feedback", "lesson")
 SPLITS = ("train", "val", "test")
 MIN_EXAMPLES = 10  # below this a split cannot hold out anything meaningful
 MAX_ANSWER_SENTENCES = 4  # the tutor shows at most four sentences; longer targets teach rambling
@@ -58,7 +58,7 @@ class Example:
 
     id: str  # unique: "<kind>:<source id>"
     group: str  # split key: examples of one source share it
-    kind: str  # quiz | flashcard | faq | feedback
+    kind: str  # quiz | flashcard | faq | feedback | lesson
     question: str
     answer: str
     passages: tuple[Passage, ...] = ()
@@ -211,7 +211,62 @@ def retrieve_passages(retriever, question: str, k: int = 5) -> tuple[Passage, ..
 _WARNED = False
 
 
-def raw_items(course, feedback: Iterable[FeedbackItem] = ()) -> list[tuple[str, str, str, str]]:
+_HEADING_PREFIX = re.compile(
+    r"^(quick recall|key terms|step \d+|change \d+|pitfall \d+|misconception \d+|worked example \d+|"
+    r"bonus experiment|example|results|goal and rules|starting point|the task)\s*:\s*", re.I)
+_SKIP_HEADINGS = re.compile(r"explain it yourself|self-check|memory hooks|practice prompts", re.I)
+
+
+def heading_question(heading: str) -> str | None:
+    """A student's question from a lesson heading ("Quick recall: what is pre-training?" -> "What is
+    pre-training?", "Change 3: lowering the learning rate to 1e-5" -> "What does the course say about
+    lowering the learning rate to 1e-5?")."""
+    h = " ".join(heading.split()).strip(" #")
+    if not h or _SKIP_HEADINGS.search(h):
+        return None
+    h = _HEADING_PREFIX.sub("", h).strip()
+    if len(h) < 4:
+        return None
+    if h.endswith("?"):
+        return h[0].upper() + h[1:]
+    return f"What does the course say about {h[0].lower() + h[1:]}?"
+
+
+def _plain(markdown: str) -> str:
+    """Lesson Markdown as plain sentences: code blocks, emphasis markers and list bullets removed
+    (underscores inside words and inline code text are kept)."""
+    text = re.sub(r"```.*?```", " ", markdown, flags=re.S)
+    text = re.sub(r"^\s*([-*+]|\d+[.)])\s+", "", text, flags=re.M)
+    text = re.sub(r"(\*\*|__|`)", "", text)
+    text = re.sub(r"(?<!\w)\*(\S[^*]*)\*(?!\w)", r"\1", text)
+    return text
+
+
+def lesson_items(course, retriever) -> list[tuple[str, str, str, str]]:
+    """One (kind, id, question, answer) per lesson section of the index: the heading as a question,
+    the section's first sentences (verbatim, at most 3) as the answer. Teaches answering in the
+    course's own words from the passage that holds them."""
+    index = getattr(retriever, "index", None)
+    out, seen = [], set()
+    for c in getattr(index, "chunks", None) or []:
+        if getattr(c, "kind", "lesson") != "lesson" or not c.section:
+            continue
+        key = f"{c.source}#{c.section}"
+        if key in seen:
+            continue
+        seen.add(key)
+        q = heading_question(c.section.rsplit(" > ", 1)[-1])
+        body = [x for x in split_sentences(_plain(c.text)) if len(x) >= 25 and not x.endswith(":") and "|" not in x]
+        if q is None or not body:
+            continue
+        answer = _sentence_cap(" ".join(body[:3]), max_sentences=3, max_chars=450)
+        if len(answer) >= 60:
+            out.append(("lesson", key, q, answer))
+    return out
+
+
+def raw_items(course, feedback: Iterable[FeedbackItem] = (), lessons: Sequence[tuple[str, str, str, str]] = ()
+              ) -> list[tuple[str, str, str, str]]:
     """(kind, source id, question, answer) for every usable Q&A source of the course, in a stable order."""
     items: list[tuple[str, str, str, str]] = []
     for q in course.quizzes:
@@ -230,18 +285,20 @@ def raw_items(course, feedback: Iterable[FeedbackItem] = ()) -> list[tuple[str, 
     for aid in sorted(latest):
         fb = latest[aid]
         items.append(("feedback", str(aid), fb.question, _sentence_cap(fb.answer)))
+    items.extend(lessons)
     return items
 
 
 def course_examples(course, retriever, feedback: Iterable[FeedbackItem] = (), *, k: int = 5,
-                    progress=None) -> list[Example]:
-    """One example per source, with retrieved passages. Duplicate (kind, id) pairs are merged."""
+                    lessons: bool = False, progress=None) -> list[Example]:
+    """One example per source, with retrieved passages. Duplicate (kind, id) pairs are merged.
+    ``lessons``: also one example per lesson section (see ``lesson_items``)."""
     from knowledge.tutor import clean_question
 
     out: list[Example] = []
     group_of_question: dict[str, str] = {}
     seen_ids: Counter[str] = Counter()
-    items = raw_items(course, feedback)
+    items = raw_items(course, feedback, lesson_items(course, retriever) if lessons else ())
     for n, (kind, sid, question, answer) in enumerate(items, 1):
         question, _ = clean_question(question, 2000)
         if not question or not answer:
@@ -255,6 +312,8 @@ def course_examples(course, retriever, feedback: Iterable[FeedbackItem] = (), *,
         group = group_of_question.setdefault(nq, group) if nq else group
         passages = retrieve_passages(retriever, question, k)
         in_passages = any(p.source == sid for p in passages) if kind == "faq" else None
+        if kind == "lesson" and not any(f"{p.source}#{p.section}" == sid for p in passages):
+            continue  # its answer would not be in the context: that would teach inventing
         out.append(Example(ex_id, group, kind, question, answer, passages, in_passages))
         if progress is not None and n % 100 == 0:
             progress(f"retrieved passages for {n}/{len(items)} questions")
@@ -315,6 +374,7 @@ def build_dataset(
     test_fraction: float = 0.2,
     k: int = 5,
     min_examples: int = MIN_EXAMPLES,
+    lessons: bool = False,
     out_dir: Path | str | None = None,
     progress=None,
 ) -> Dataset:
@@ -336,7 +396,7 @@ def build_dataset(
         )
     if retriever is None:
         retriever = in_memory_retriever(course)
-    examples = course_examples(course, retriever, feedback, k=k, progress=progress)
+    examples = course_examples(course, retriever, feedback, k=k, lessons=lessons, progress=progress)
     parts = split_examples(examples, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     for name in ("train", "val", "test"):
         if not parts[name]:
@@ -351,6 +411,7 @@ def build_dataset(
         "course_id": course.id,
         "course_title": course.title,
         "seed": seed,
+        "lessons": lessons,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "counts": {name: _counts(parts[name]) for name in SPLITS},

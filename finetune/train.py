@@ -79,6 +79,9 @@ class TrainConfig:
     data_dir: str = _f("", "Dataset folder written by finetune.data (train/val/test JSONL + manifest). Required.")
     output_dir: str = _f("data/runs/latest", "Run folder: model/, checkpoints/, run.json, curves.png.")
     base_model_dir: str = _f("", "Model folder to start from; empty = the converted base model in data/models/base.")
+    data_lessons: bool = _f(
+        False, "Dataset option: also one example per lesson section (heading as question, first sentences as answer)."
+    )
     method: Literal["full", "freeze", "lora"] = _f(
         "freeze", "freeze: train only the top layers; measured as good as full on our data at a fraction of the time."
     )
