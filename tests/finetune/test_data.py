@@ -185,3 +185,21 @@ def test_real_retriever_passages_on_the_tiny_course(tiny_course):
     course = load_course(tiny_course)
     passages = retrieve_passages(in_memory_retriever(course), "Why use a low learning rate when fine-tuning?")
     assert passages and "low learning rate" in passages[0].text
+
+
+def test_lesson_section_examples_are_grounded(sample_course):
+    from finetune.data import _plain, heading_question
+
+    assert heading_question("Quick recall: what is pre-training?") == "What is pre-training?"
+    assert heading_question("Change 3: lowering the learning rate to 1e-5") == \
+        "What does the course say about lowering the learning rate to 1e-5?"
+    assert heading_question("Explain it yourself: two practice prompts") is None
+    assert _plain("- **Bold** and `validation_data` here.\n```python\nx = 1\n```\n") == "Bold and validation_data here.\n \n"
+    retr = FakeRetriever(sample_course)
+    exs = [e for e in course_examples(sample_course, retr, lessons=True) if e.kind == "lesson"]
+    assert exs, "no lesson examples"
+    for e in exs:  # the answer's own section is always in the prompt
+        assert e.id.removeprefix("lesson:") in {f"{p.source}#{p.section}" for p in e.passages}
+        assert e.answer and len(split_sentences(e.answer)) <= 3
+    plain = course_examples(sample_course, retr)
+    assert not [e for e in plain if e.kind == "lesson"]  # off by default
