@@ -29,9 +29,8 @@ app.add_typer(db_app, name="db")
 
 def _mount_optional() -> None:
     """Sub-apps that live in their own modules (quiz, fine-tuning, models, feedback)."""
-    from bot.cli_quiz import quiz_app
-
     from bot.cli_finetune import feedback_app, finetune_app, models_app
+    from bot.cli_quiz import quiz_app
 
     app.add_typer(quiz_app, name="quiz", help="Validate the question bank, leaderboards, a terminal quiz.")
     app.add_typer(finetune_app, name="finetune")
