@@ -111,7 +111,7 @@ class TrainConfig:
     resume: bool = _f(False, "Continue from the latest checkpoint in output_dir instead of starting over.")
     checkpoint_every: int = _f(0, "Save a checkpoint every N steps (0 = at each validation).")
     cache_frozen: bool = _f(True, "Cache the frozen layers' output once instead of recomputing it every step.")
-    threads: int = _f(0, "torch threads (0 = torch's default, one per core).")
+    threads: int = _f(0, "torch threads (0 = one per core; on a box shared with other jobs 1 can be faster).")
     device: str = _f("auto", "auto = cuda when available, else cpu.")
     show_progress: bool = _f(True, "Progress bar with time left on stderr.")
 
@@ -653,8 +653,9 @@ def main(config: TrainConfig, *, progress: Callable[[str], None] | None = None) 
     base_dir = Path(cfg.base_model_dir) if cfg.base_model_dir else ensure_base_model(DEFAULT_DATA_DIR, progress=say)
     base_manifest = _base_manifest(base_dir)
     base_name = base_manifest.get("base_model", BASE_MODEL_NAME)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # Explicit: torch's thread count is per calling thread, and the embedder drops it to 1 for
+    # short queries (knowledge.embedder), which would silently leave training on one core.
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = _device(cfg.device)
     _set_seed(cfg.seed)
     tokenizer, model, parts = _load_model(cfg, base_dir, device)
