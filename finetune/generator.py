@@ -275,6 +275,8 @@ class HFGenerator:
             raise GenerationError(f"Cannot prepare the answer model from {self.model_dir}: {exc}") from exc
         self.engine = "fast" if use_fast else "hf"
         self._name = name or read_model_name(self.model_dir)
+        # {"prefill_s", "decode_s", "steps", "batch"} of the last call (fast engine), for logs and benchmarks
+        self.last_timing: dict[str, float] | None = None
         logger.info(
             "answer model %s loaded from %s in %.1f s (engine=%s, dtype=%s, quantize=%s, threads=%d)",
             self._name,
@@ -351,7 +353,7 @@ class HFGenerator:
             limits = [max(0, int(r.max_new_tokens)) for r in requests]
             stops = [_Stop(self.max_sentences) for _ in requests]
             with self._lock:
-                outputs = self._engine.decode(prompts, limits, self._stop_ids, self._make_checker(stops))
+                outputs = self._decode(prompts, limits, self._stop_ids, self._make_checker(stops))
         except GenerationError:
             raise
         except Exception as exc:
@@ -386,7 +388,16 @@ class HFGenerator:
                 self._make_checker([_Stop(self.max_sentences) for _ in requests]),
             )
         with self._lock:
-            return self._engine.decode(prompts, limits, stop_ids, check)
+            return self._decode(prompts, limits, stop_ids, check)
+
+    def _decode(
+        self, prompts: list[list[int]], limits: list[int], stop_ids: frozenset[int], check
+    ) -> list[list[int]]:
+        """The engine call (lock held); notes its timing in ``last_timing``."""
+        self.last_timing = None
+        out = self._engine.decode(prompts, limits, stop_ids, check)
+        self.last_timing = getattr(self._engine, "last_timing", None)
+        return out
 
     def _make_checker(self, stops: list[_Stop]):
         decode = self._tokenizer.decode
@@ -514,13 +525,18 @@ class _LlamaEngine:
         rows = torch.tensor(slots)
         rot = self.rotations[pos].unsqueeze(1)  # [B, 1, D/2]
         x = self.embed[tokens]  # [B, hidden]
+        single = B == 1
         for li, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(self._rms(x, layer.norm1), prefill=False).split([H * D, KV * D, KV * D], -1)
-            q = self._rope(q.view(B, H, D), rot)
-            k = self._rope(k.view(B, KV, D), rot)
+            qkv = layer.qkv(self._rms(x, layer.norm1), prefill=False).view(B, H + 2 * KV, D)
+            qk = self._rope(qkv[:, : H + KV], rot)  # q and k heads rotated in one go
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
             ck, cv = cache_k[li], cache_v[li]
-            ck[rows, :, pos] = k
-            cv[rows, :, pos] = v.view(B, KV, D)
+            if single:  # plain slicing is cheaper than index_put for one row
+                ck[slots[0], :, lens[0]] = k[0]
+                cv[slots[0], :, lens[0]] = v[0]
+            else:
+                ck[rows, :, pos] = k
+                cv[rows, :, pos] = v
             outs = [
                 F.scaled_dot_product_attention(
                     q[b].view(1, H, 1, D),
@@ -530,7 +546,7 @@ class _LlamaEngine:
                 )
                 for b in range(B)
             ]
-            att = outs[0] if B == 1 else torch.cat(outs, 0)
+            att = outs[0] if single else torch.cat(outs, 0)
             x = x + layer.o(att.reshape(B, H * D), prefill=False)
             x = x + layer.down(layer.mlp(self._rms(x, layer.norm2), prefill=False), prefill=False)
         return self.head(self._rms(x, self.norm), prefill=False).float().argmax(-1)
@@ -546,6 +562,7 @@ class _LlamaEngine:
         self, prompts: list[list[int]], limits: list[int], stop_ids: frozenset[int], check
     ) -> list[list[int]]:
         torch = self.torch
+        self.last_timing: dict[str, float] | None = None
         n = len(prompts)
         outputs: list[list[int]] = [[] for _ in range(n)]
         active = [i for i in range(n) if limits[i] > 0]
@@ -556,20 +573,26 @@ class _LlamaEngine:
             raise GenerationError(
                 f"The prompt is too long for the model ({capacity} > {self.max_positions} tokens)."
             )
+        started = time.perf_counter()
         with torch.inference_mode():
             shape = (len(active), self.KV, capacity, self.D)
             cache_k = [torch.empty(shape, dtype=self.cdt) for _ in self.layers]
             cache_v = [torch.empty(shape, dtype=self.cdt) for _ in self.layers]
             slot = {i: s for s, i in enumerate(active)}
-            firsts = self.threads.prefill_all(
-                lambda i: self._prefill(prompts[i], cache_k, cache_v, slot[i]), active
-            )
+
+            def prefill(i: int) -> int:
+                with torch.inference_mode():
+                    return self._prefill(prompts[i], cache_k, cache_v, slot[i])
+
             lens = {}
-            for i, first in zip(active, firsts, strict=True):
+            for i, first in zip(active, self.threads.prefill_all(prefill, active), strict=True):
                 outputs[i].append(first)
                 lens[i] = len(prompts[i])
+            prefilled = time.perf_counter()
+            steps = 0
             running = [i for i in active if not self._finished(i, outputs, limits, stop_ids, check)]
             while running:
+                steps += 1
                 # Finished rows simply drop out: the running rows address their own cache slots.
                 tokens = torch.tensor([outputs[i][-1] for i in running])
                 with self.threads.decoding(len(running), lambda b=len(running): self._probe(b)):
@@ -580,6 +603,12 @@ class _LlamaEngine:
                     outputs[i].append(int(t))
                     lens[i] += 1
                 running = [i for i in running if not self._finished(i, outputs, limits, stop_ids, check)]
+        self.last_timing = {
+            "prefill_s": prefilled - started,
+            "decode_s": time.perf_counter() - prefilled,
+            "steps": steps,
+            "batch": len(active),
+        }
         return outputs
 
     @staticmethod
@@ -591,20 +620,23 @@ class _LlamaEngine:
 
 
 class _Threads:
-    """How many cores each phase uses, chosen for robustness on shared machines.
+    """How a generation call uses the cores, chosen for robustness on shared machines.
 
     torch's intra-op thread count is per calling thread (an OpenMP setting), so this only touches
-    the threads generation runs on. Two lessons measured on a shared 2-core machine:
+    the threads generation runs on. Lessons measured on a shared 2-core machine:
 
-    * Splitting small operators over 2 cores is a trap when another process keeps one core
-      busy: every operator waits for the descheduled thread. A decoding step took 1.2 s on 2
-      threads against 25 ms on 1 with the machine loaded; with idle cores, 2 threads can be faster.
-      Decoding operators give identical results for any thread count, so the count is chosen by
-      measurement: steps run on the faster setting, and the other one is re-tried now and then
-      (rarely, and ever more rarely while it keeps losing).
+    * Splitting small operators over 2 cores is a trap when another process keeps a core busy:
+      every operator waits for the descheduled thread. A decoding step took 1.2 s on 2 threads
+      against 25 ms on 1 with the machine loaded (with idle cores, 2 threads can be faster).
     * Prefill runs each prompt on ONE thread (oneDNN splits some large products differently for
-      different thread counts, and answers must not depend on load); several prompts are
-      prefilled side by side on a small pool, which uses the cores without any cross-core waiting.
+      different thread counts, and answers must not depend on the load); the prompts of a batch
+      are prefilled side by side on a small pool, which uses the cores without cross-core waits.
+    * Decoding keeps the batch together (its rows share every read of the weights; splitting the
+      batch over two threads measured slower on the loaded machine: 5.8 s against 4.3 s for 8x60
+      tokens). The step runs on 1 or all cores, chosen by measuring: steps use the faster
+      setting and the other is re-tried now and then, ever more rarely while it keeps losing, and
+      only if a ~1 ms probe does not show the cores busy. Decoding operators give identical
+      results for any thread count, so this choice never changes an answer.
     """
 
     BUCKETS = (1, 4)  # decoding batch sizes measured separately: 1, 2-4, 5+
@@ -623,7 +655,7 @@ class _Threads:
         self._next_try: dict[int, float] = {}
         self._gap: dict[int, float] = {}
 
-    def _set(self, n: int) -> None:
+    def set(self, n: int) -> None:
         """Set this thread's torch thread count (cheap when unchanged)."""
         if getattr(self._local, "n", None) != n:
             self.torch.set_num_threads(n)
@@ -631,14 +663,14 @@ class _Threads:
 
     # --- prefill ---------------------------------------------------------------------------------
     def prefill_all(self, prefill: Any, rows: list[int]) -> list[int]:
+        """``prefill(row)`` for every row, one torch thread each, up to ``max_threads`` at once."""
         if self.max_threads == 1 or len(rows) == 1:
-            self._set(1)
+            self.set(1)
             return [prefill(i) for i in rows]
-        torch = self.torch
 
         def run(i: int) -> int:
-            with torch.inference_mode():
-                return prefill(i)
+            self.set(1)
+            return prefill(i)
 
         return list(self._get_pool().map(run, rows))
 
@@ -647,12 +679,7 @@ class _Threads:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                self._pool = ThreadPoolExecutor(
-                    self.max_threads,
-                    thread_name_prefix="tutorbot-prefill",
-                    initializer=self.torch.set_num_threads,
-                    initargs=(1,),
-                )
+                self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="tutorbot-prefill")
             return self._pool
 
     # --- decoding --------------------------------------------------------------------------------
@@ -684,7 +711,7 @@ class _Threads:
         """Time a few small products (a ms or so) on 1 and on max threads; True if max is faster."""
         times = {}
         for n in (1, self.max_threads, 1, self.max_threads):
-            self._set(n)
+            self.set(n)
             t = time.perf_counter()
             probe()
             times[n] = min(times.get(n, float("inf")), time.perf_counter() - t)
@@ -723,7 +750,7 @@ class _TimedStep:
         self.started = time.perf_counter()
         self.n = self.threads._choose(self.bucket, self.started, self.probe)
         self.started = time.perf_counter()
-        self.threads._set(self.n)
+        self.threads.set(self.n)
 
     def __exit__(self, *exc: object) -> None:
         now = time.perf_counter()
