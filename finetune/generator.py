@@ -74,6 +74,15 @@ def default_threads() -> int:
     return max(1, min(n, 8))
 
 
+def _manifest_quantize(folder: Path) -> str | None:
+    """The quantization a model folder asks for in its manifest (``"quantize"``), if any."""
+    try:
+        value = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8")).get("quantize")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if value in ("none", "int8", "int4") else None
+
+
 def read_model_name(folder: Path) -> str:
     """The model's display name from its manifest ('base:SmolLM2-135M-Instruct', 'v3', ...)."""
     try:
@@ -203,7 +212,8 @@ class HFGenerator:
             ``"auto"`` (fast when the architecture is supported).
         dtype: ``"auto"`` picks bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
         quantize: weights of the decoder layers for decoding (the output layer stays bf16).
-            ``"auto"``: int4 with bf16, none with fp32. ``"int4"``: 4-bit in groups of 32
+            ``"auto"``: what the folder's manifest asks for (``"quantize"``; the fine-tuning code
+            writes it), else int4 with bf16 and none with fp32. ``"int4"``: 4-bit in groups of 32
             (``_weight_int4pack_mm_for_cpu``; the packaged model was Q4_1, the same scheme, so
             this is nearly lossless for it, and a step reads 4x fewer bytes than bf16).
             ``"int8"``: per-channel int8 weights (``_weight_int8pack_mm``; worse agreement with
@@ -251,7 +261,9 @@ class HFGenerator:
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', not {dtype!r}")
         if quantize == "auto":
-            quantize = "int4" if dtype == "bfloat16" and engine != "hf" else "none"
+            quantize = _manifest_quantize(self.model_dir) or (
+                "int4" if dtype == "bfloat16" and engine != "hf" else "none"
+            )
         self.dtype = dtype
         self.quantize = quantize
         self._tokenizer, model = self._load(torch)

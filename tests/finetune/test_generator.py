@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.generator import HFGenerator, _Stop, clean_answer, read_model_name
+from finetune.generator import HFGenerator, _manifest_quantize, _Stop, clean_answer, read_model_name
 from knowledge.batching import BatchingGenerator
 from knowledge.generation import GenerationError, GenerationRequest, Generator, Passage
 
@@ -107,6 +107,14 @@ def test_name_comes_from_the_manifest(tmp_path):
     assert read_model_name(tmp_path) == "base:Smol"
     (tmp_path / "tutorbot_model.json").unlink()
     assert read_model_name(tmp_path) == tmp_path.name
+
+
+def test_a_manifest_can_ask_for_a_quantization(tmp_path):
+    assert _manifest_quantize(tmp_path) is None
+    (tmp_path / "tutorbot_model.json").write_text(json.dumps({"name": "v3", "quantize": "none"}))
+    assert _manifest_quantize(tmp_path) == "none"
+    (tmp_path / "tutorbot_model.json").write_text(json.dumps({"quantize": "int3"}))
+    assert _manifest_quantize(tmp_path) is None
 
 
 # --- load failures: one clear GenerationError -----------------------------------------------------
