@@ -141,7 +141,7 @@ def source_lines(sources: Sequence[SourceRef], *, limit: int = MAX_SOURCES) -> l
     return lines
 
 
-def _join_within(lines: Sequence[str], limit: int) -> str:
+def join_lines(lines: Sequence[str], limit: int) -> str:
     """As many whole lines as fit in ``limit``, then '…and N more' for those left out."""
     out: list[str] = []
     for i, line in enumerate(lines):
@@ -183,10 +183,10 @@ def answer_embeds(answer: Answer, *, notes: Iterable[str] = ()) -> list[discord.
     lines = source_lines(answer.sources)
     if lines:
         name = "Sources" if answer.answered else "Closest course material"
-        last.add_field(name=name, value=_join_within(lines, FIELD_VALUE_LIMIT), inline=False)
+        last.add_field(name=name, value=join_lines(lines, FIELD_VALUE_LIMIT), inline=False)
     all_notes = [n for n in (*answer.notices, *notes) if n and n.strip()]
     if all_notes:
-        value = _join_within([neutralize(one_line(n)) for n in all_notes], FIELD_VALUE_LIMIT)
+        value = join_lines([neutralize(one_line(n)) for n in all_notes], FIELD_VALUE_LIMIT)
         last.add_field(name="Note", value=value, inline=False)
     last.set_footer(text=_footer(answer))
     return embeds

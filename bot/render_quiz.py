@@ -25,6 +25,7 @@ from bot.render import (
     FIELDS_PER_EMBED,
     FOOTER_LIMIT,
     TITLE_LIMIT,
+    join_lines,
     neutralize,
     one_line,
     trim,
@@ -63,24 +64,6 @@ def name(display_name: str, limit: int = NAME_LIMIT) -> str:
 def safe(text: str, limit: int) -> str:
     """Echoed course text (question, choice, explanation): neutralized and trimmed to ``limit``."""
     return trim(neutralize((text or "").strip()), limit)
-
-
-def join_lines(lines: Sequence[str], limit: int) -> str:
-    """As many whole lines as fit in ``limit``, then "…and N more" for those left out."""
-    if len("\n".join(lines)) <= limit:
-        return "\n".join(lines)
-    out: list[str] = []
-    for i, line in enumerate(lines):
-        after = len(lines) - i - 1
-        reserve = len(f"\n…and {after} more") if after else 0
-        if len("\n".join([*out, line])) + reserve > limit:
-            left = len(lines) - i
-            if out:
-                return "\n".join([*out, f"…and {left} more"])
-            tail = f"\n…and {left - 1} more" if left > 1 else ""
-            return trim(line, limit - len(tail)) + tail
-        out.append(line)
-    return "\n".join(out)
 
 
 def join_inline(items: Sequence[str], limit: int, sep: str = ", ") -> str:

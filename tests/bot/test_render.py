@@ -151,9 +151,9 @@ def test_sources_field_stays_under_1024():
 
 def test_lines_that_do_not_fit_are_counted():
     lines = [f"{i}. " + "x" * 300 for i in range(1, 6)]
-    value = render._join_within(lines, 1024)
+    value = render.join_lines(lines, 1024)
     assert len(value) <= 1024 and value.splitlines()[-1] == "…and 2 more"
-    assert render._join_within(["y" * 2000, "z"], 100).endswith("…\n…and 1 more")
+    assert render.join_lines(["y" * 2000, "z"], 100).endswith("…\n…and 1 more")
 
 
 def test_declined_answer_is_marked_as_such():
