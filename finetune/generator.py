@@ -933,6 +933,7 @@ class _HFEngine:
         self, prompts: list[list[int]], limits: list[int], stop_ids: frozenset[int], check
     ) -> list[list[int]]:
         torch = self.torch
+        self.last_timing: dict[str, float] | None = None
         outputs: list[list[int]] = [[] for _ in prompts]
         active = [i for i in range(len(prompts)) if limits[i] > 0]
         if not active:
@@ -945,8 +946,11 @@ class _HFEngine:
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
         torch.set_num_threads(self.threads)  # this thread only
+        first = _FirstTokenClock()
+        started = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(
+                streamer=first if len(active) == 1 else None,
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=max(limits[i] for i in active),
@@ -954,6 +958,14 @@ class _HFEngine:
                 eos_token_id=sorted(stop_ids),
                 pad_token_id=self.pad_id,
             )
+        done = time.perf_counter()
+        prefill = (first.at or done) - started
+        self.last_timing = {
+            "prefill_s": prefill,
+            "decode_s": done - started - prefill,
+            "steps": out.shape[1] - width - 1,
+            "batch": len(active),
+        }
         for r, i in enumerate(active):
             gen: list[int] = []
             for t in out[r, width:].tolist():
@@ -962,3 +974,19 @@ class _HFEngine:
                     break
             outputs[i] = gen
         return outputs
+
+
+class _FirstTokenClock:
+    """A transformers streamer that only notes when the first generated token arrives."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.at: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
