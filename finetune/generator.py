@@ -4,20 +4,22 @@
 fine-tuning code (safetensors + tokenizer + optional ``tutorbot_model.json`` manifest) and
 implements ``knowledge.generation.Generator``.
 
-Why not just ``model.generate``? For a 135M model on two CPU cores, ``generate`` spends much
-of each step in Python bookkeeping, and fp32 weights are read from memory at every step. For
-Llama-architecture models (SmolLM2 is one) we run a lean engine of our own instead (measured in
-``benchmarks/bench_generation.py``, numbers in ``docs/BENCHMARKS.md``):
+Why not just ``model.generate``? For a 135M model on two CPU cores, ``generate`` spends much of
+each step in Python bookkeeping and reads 540 MB of fp32 weights per token. For Llama-architecture
+models (SmolLM2 is one) we run a lean engine of our own (numbers in ``docs/BENCHMARKS.md``, from
+``benchmarks/bench_generation.py``):
 
-* weights in bf16, pre-packed once for oneDNN (``mkldnn._reorder_linear_weight``): on CPUs with
-  AMX/AVX512-BF16 one decoding step for 8 questions costs little more than for one;
-* q/k/v and gate/up projections fused into one matrix each (fewer, larger matrix products);
-* the residual stream, norms, RoPE and softmax in fp32 (better answers than a pure bf16 model);
-* each prompt is prefilled on its own (no padding waste), then all questions of a batch decode
-  together; attention runs per question on its own slice of a static KV cache. Every operation
-  treats rows independently, so a question gets the same answer alone or in a batch;
-* logits only for the last position; greedy decoding; stops at end-of-turn, after
-  ``max_sentences`` sentences, on a repeated sentence or when the model starts echoing the prompt.
+* decoding reads 4-bit weights (groups of 32, the scheme the packaged Q4_1 model shipped in, so
+  nearly lossless for it); the output layer stays bf16. Prefill multiplies bf16 copies of the
+  same weights, pre-packed once for oneDNN (AMX / AVX512-BF16), with silu*mul fused in;
+* q/k/v and gate/up projections fused into one matrix each; RoPE as one complex multiplication;
+* the residual stream, norms, RoPE and softmax in fp32;
+* a static KV cache; each prompt is prefilled on its own (no padding waste), then all questions
+  of a batch decode together, attention per question on its own slice of the cache. Every
+  operation treats rows independently, so a question gets the same answer alone or in a batch;
+* logits only for the last position; greedy; stops at end-of-turn, after ``max_sentences``
+  sentences, on a loop, or when the model starts echoing the prompt;
+* cores used with care on shared machines (``_Threads``).
 
 Other architectures fall back to transformers' ``generate`` (``engine="hf"`` forces it).
 """
@@ -220,7 +222,7 @@ class HFGenerator:
             fp32 than int4 here). Prefill always uses bf16 copies of the same weights. With
             ``engine="hf"``, any quantization means dynamic int8 except ``mlp.down_proj``
             (quantizing its activations wrecks answers).
-        threads: most cores one generation uses (None: torch's default, the physical cores).
+        threads: most cores one generation uses (None: the cores this process may use, at most 8).
             Only the threads that generate are affected (torch's thread count is per thread).
             Prefill runs one thread per prompt, prompts side by side; decoding picks 1 or
             ``threads`` by measuring both (see ``_Threads``).
@@ -287,7 +289,7 @@ class HFGenerator:
             raise GenerationError(f"Cannot prepare the answer model from {self.model_dir}: {exc}") from exc
         self.engine = "fast" if use_fast else "hf"
         self._name = name or read_model_name(self.model_dir)
-        # {"prefill_s", "decode_s", "steps", "batch"} of the last call (fast engine), for logs and benchmarks
+        # {"prefill_s", "decode_s", "steps", "batch"} of the last call, for logs and benchmarks
         self.last_timing: dict[str, float] | None = None
         logger.info(
             "answer model %s loaded from %s in %.1f s (engine=%s, dtype=%s, quantize=%s, threads=%d)",
@@ -318,9 +320,14 @@ class HFGenerator:
             from transformers import AutoModelForCausalLM, AutoTokenizer
             from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # no "Loading weights" bar in the bot's console
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GenerationError(f"Cannot load the answer model from {folder}: {reason}") from exc
@@ -741,6 +748,9 @@ class _Threads:
         key = (bucket, n)
         old = self._ema.get(key)
         self._ema[key] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        one = self._ema.get((bucket, 1))
+        if n > 1 and one is not None and seconds > 3 * one:
+            self._ema[key] = seconds  # the cores just got busy: stop using them at once
         if n != best_before:  # that was a try of the other setting
             self._postpone(bucket, now, lost=self._best(bucket) == best_before)
 

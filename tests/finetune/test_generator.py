@@ -245,3 +245,41 @@ def test_fast_engine_computes_what_transformers_computes(base_model_dir: Path):
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert ours == out[0, ids.shape[1] :].tolist()
+
+
+# --- the thread chooser (no model: synthetic step times, a sleeping probe) -----------------------
+
+
+def test_thread_chooser_keeps_one_core_while_the_cores_are_busy_and_uses_both_when_faster():
+    import time
+
+    import torch
+
+    from finetune.generator import _Threads
+
+    def probe_busy() -> None:  # two threads slower than one: another process holds a core
+        time.sleep(0.004 if torch.get_num_threads() > 1 else 0.001)
+
+    def probe_idle() -> None:
+        time.sleep(0.001 if torch.get_num_threads() > 1 else 0.004)
+
+    before = torch.get_num_threads()
+    try:
+        t = _Threads(2)
+        assert t._choose(0, 0.0, probe_busy) == 1  # nothing measured yet: one core
+        t._record(0, 1, 0.020, 0.02)
+        assert t._choose(0, 0.1, probe_busy) == 1  # too early to try the other setting
+        assert t._choose(0, 1.0, probe_busy) == 1  # due, but the probe shows busy cores: skipped
+        first_gap = t._gap[0]
+        assert t._choose(0, t._next_try[0], probe_busy) == 1
+        assert t._gap[0] > first_gap  # and waits longer each time
+
+        now = t._next_try[0]
+        assert t._choose(0, now, probe_idle) == 2  # idle cores: a real step on both
+        t._record(0, 2, 0.010, now + 0.01)
+        assert t._choose(0, now + 0.1, probe_idle) == 2  # faster: kept
+        t._record(0, 2, 0.500, now + 0.6)  # the cores just got busy
+        assert t._choose(0, now + 0.7, probe_busy) == 1  # back to one core at once
+        assert _Threads(1)._choose(0, 100.0, probe_idle) == 1
+    finally:
+        torch.set_num_threads(before)
