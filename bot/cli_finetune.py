@@ -186,9 +186,10 @@ def finetune(
         raise _fail(f"{exc}\nThe model in service was not changed.") from None
     summary["version"] = version
     if before is not None and after is not None:
-        better = after["primary"] is not None and (before["primary"] is None or after["primary"] > before["primary"])
-        decision = (f"{after['primary_metric']} {after['primary']:.4f} vs {before['primary']:.4f} for "
-                    f"{before['model']}: " + ("better" if better else "not better"))
+        from finetune.evaluate import is_better
+
+        better, why = is_better(before, after)
+        decision = f"{why}: " + ("better" if better else "not better")
         if promote and better:
             try:
                 reg.promote(version)

@@ -246,6 +246,28 @@ def _cache_key(model_dir: Path, dataset: Dataset, split: str, questions, setting
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:24]
 
 
+# Guard rails for an automatic promotion: besides a higher primary metric, the tutor must not get
+# worse for students. Fact coverage may dip by at most 3 of the 60 sample questions (its run-to-run
+# noise between two equally good models), abstention may not drop at all.
+GUARDS = {"fact_coverage": 0.05, "abstention_recall": 0.0}
+
+
+def is_better(before: dict, after: dict, guards: dict[str, float] = GUARDS) -> tuple[bool, str]:
+    """(better, reason): the primary metric improves and no guard metric regresses past its tolerance."""
+    name = after.get("primary_metric", PRIMARY_METRIC)
+    a, b = after.get("primary"), before.get("primary")
+    if a is None:
+        return False, f"{name}: the new model has no score"
+    reason = f"{name} {a:.4f} vs {b:.4f} for {before.get('model')}" if b is not None else f"{name} {a:.4f}"
+    if b is not None and not a > b:
+        return False, reason
+    for key, tol in guards.items():
+        ga, gb = after.get(key), before.get(key)
+        if isinstance(ga, (int, float)) and isinstance(gb, (int, float)) and ga < gb - tol - 1e-9:
+            return False, f"{reason}, but {key} fell from {gb:.2f} to {ga:.2f} (tolerance {tol:.2f})"
+    return True, reason
+
+
 # --- the model card --------------------------------------------------------------------------------
 
 _ROWS = [

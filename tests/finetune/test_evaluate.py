@@ -161,3 +161,16 @@ def test_evaluation_of_the_same_model_and_data_is_cached(tmp_path):
     (tmp_path / "m" / "tutorbot_model.json").write_text('{"name": "v2"}')
     evaluate_model(tmp_path / "m", ds, **kw)  # a different model in the same folder: again
     assert Counting.calls == 3
+
+
+def test_is_better_needs_a_higher_primary_and_no_guard_regression():
+    from finetune.evaluate import is_better
+
+    base = {"model": "base", "primary": 0.50, "primary_metric": "answer_cosine", "fact_coverage": 0.45,
+            "abstention_recall": 1.0}
+    assert is_better(base, {**base, "primary": 0.55, "fact_coverage": 0.42})[0]  # within 0.05
+    ok, why = is_better(base, {**base, "primary": 0.55, "fact_coverage": 0.35})
+    assert not ok and "fact_coverage fell from 0.45 to 0.35" in why
+    assert not is_better(base, {**base, "primary": 0.55, "abstention_recall": 0.95})[0]
+    assert not is_better(base, {**base, "primary": 0.50})[0]  # a tie is not better
+    assert is_better({"model": "x", "primary": 0.5}, {"primary": 0.6})[0]  # no question set: primary only
