@@ -63,6 +63,25 @@ def load_faq():
     return course, answer_of, gt
 
 
+class Recording:
+    """Wraps a generator and keeps its raw output per question: the model's own words, scored
+    apart from the Tutor's answers (where unsupported sentences fall back to extraction)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.raw: dict[str, str] = {}
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def generate(self, requests):
+        out = self.inner.generate(requests)
+        for r, text in zip(requests, out, strict=True):
+            self.raw[r.question] = text
+        return out
+
+
 def answer_all(tutor, questions: list[str], workers: int = 8) -> list:
     done = [0]
     t0 = time.monotonic()
@@ -101,7 +120,7 @@ def main() -> None:
     from knowledge.embedder import shared_minilm
     from knowledge.index import KnowledgeIndex
     from knowledge.retriever import Retriever
-    from knowledge.tutor import Tutor
+    from knowledge.tutor import Tutor, clean_question
 
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -155,11 +174,13 @@ def main() -> None:
     results.setdefault("systems", {})
 
     for system in [s for s in args.systems.split(",") if s]:
-        gen = None
+        gen = rec = None
         if system == "base":
-            gen = BatchingGenerator(HFGenerator(base_dir), max_batch=8)
+            rec = Recording(HFGenerator(base_dir))
         elif system == "finetuned":
-            gen = BatchingGenerator(HFGenerator(model_dir, quantize=serving_quantize(model_dir)), max_batch=8)
+            rec = Recording(HFGenerator(model_dir, quantize=serving_quantize(model_dir)))
+        if rec is not None:
+            gen = BatchingGenerator(rec, max_batch=8)
         tutor = Tutor(course, retriever, gen, mode="extractive" if gen is None else "generative", min_cosine=-1.0)
         out = {}
         for key, qs in sets.items():
@@ -171,6 +192,11 @@ def main() -> None:
                         "generated_share": round(sum(a.mode == "generative" for a in answers) / len(answers), 3),
                         "samples": [{"q": g["question"], "answer": a.text[:300], "cos": round(float(c), 3)}
                                     for g, a, c in list(zip(qs, answers, cos, strict=True))[:5]]}
+            if rec is not None:  # the model's raw output for every question, before the Tutor's check
+                raw = [rec.raw.get(clean_question(g["question"], tutor.max_question_chars)[0], "") for g in qs]
+                rcos = (emb.encode([t or " " for t in raw]) * refs[key]).sum(1)
+                out[key]["raw_cosine"] = round(float(rcos.mean()), 4)
+                out[key]["raw_missing"] = sum(not t for t in raw)
             log(f"{system} ({key}): mean cosine {out[key]['cosine']:.3f} in {out[key]['seconds']:.0f} s")
         if gen is not None:
             gen.close()
@@ -196,9 +222,12 @@ def report(results: dict, args) -> str:
     for key in ("base", "finetuned", "extractive"):
         if key in sysres:
             r = sysres[key]
+            gen = key != "extractive"
             rows.append([names[key], f"{r['a']['cosine']:.3f}", f"{r['b']['cosine']:.3f}",
-                         f"{r['a']['generated_share']:.0%} / {r['b']['generated_share']:.0%}" if key != "extractive" else "-"])
-    rows += [[f"published: {n}", f"{c:.3f}", "", ""] for n, c in PUBLISHED]
+                         f"{r['a']['generated_share']:.0%} / {r['b']['generated_share']:.0%}" if gen else "-",
+                         f"{r['a'].get('raw_cosine', float('nan')):.3f} / {r['b'].get('raw_cosine', float('nan')):.3f}"
+                         if gen else "-"])
+    rows += [[f"published: {n}", f"{c:.3f}", "", "", ""] for n, c in PUBLISHED]
     cfg = tr.get("config") or {}
     lines = [
         "## Fine-tuning the answer model (FAQ benchmark)",
@@ -214,7 +243,8 @@ def report(results: dict, args) -> str:
         stamp(),
         "",
         table(["system", f"(a) paraphrases about training records (n={q.get('a', '?')})",
-               f"(b) questions about held-out records (n={q.get('b', '?')})", "generated (rest: extractive fallback)"], rows),
+               f"(b) questions about held-out records (n={q.get('b', '?')})", "generated (rest: extractive fallback)",
+               "model's raw output, before the Tutor's check: (a) / (b)"], rows),
         "",
     ]
     if tr:

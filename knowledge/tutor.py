@@ -71,7 +71,9 @@ MIN_COSINE_COURSE_TERMS = 0.15  # ... needs only this cosine ("what are adapters
 GEN_PASSAGES = 3
 EXTRACT_SENTENCES = 3
 EXTRACT_MAX_CHARS = 600
-EXTRACT_EXTRA_MARGIN = 0.15  # measured: 0 -> 35/60 full answers, 0.05 -> 38, 0.2 -> 39; longer answers beyond
+EXTRACT_WHOLE_EXTRA = 1  # a passage of up to EXTRACT_SENTENCES + 1 sentences (within the cap) is given whole
+EXTRACT_EXTRA_CHARS = 150  # a close second passage may add one sentence past the cap
+EXTRACT_EXTRA_MARGIN = 0.15  # measured: 0 -> 35/60 full answers, 0.05 -> 38, 0.2 -> 39 (before whole passages; with them 0.1-0.2 -> 43-44)
 MAX_ANSWER_SENTENCES = 4
 SUPPORT_MIN = 0.6  # share of a generated sentence's content words that must appear in the passages
 MIN_SENTENCE_SUPPORT = 0.55  # cosine of a generated sentence to its closest passage sentence
@@ -294,12 +296,15 @@ class Tutor:
         bp = cands[0][0]
         own = [i for i, c in enumerate(cands) if c[0] == bp]
         best = max(own, key=lambda i: scores[i])
-        # A window of the best sentence's passage in reading order: course passages state their
-        # point and then its detail, so the best sentence plus what follows it reads as an answer.
-        pos = own.index(best)
-        window = own[pos:pos + EXTRACT_SENTENCES]
-        if len(window) < EXTRACT_SENTENCES and pos > 0 and scores[own[pos - 1]] > scores[best] - 0.3:
-            window = [own[pos - 1], *window]
+        # A short passage is a written unit (a section that states its point and its detail): it is
+        # the answer as it stands. A longer one gives a window in reading order: the best sentence
+        # and what follows it, filled backwards when the passage ends first.
+        if len(own) <= EXTRACT_SENTENCES + EXTRACT_WHOLE_EXTRA and sum(len(cands[i][2]) + 1 for i in own) <= EXTRACT_MAX_CHARS:
+            window = own
+        else:
+            pos = own.index(best)
+            start = max(0, min(pos, len(own) - EXTRACT_SENTENCES))
+            window = own[start:start + EXTRACT_SENTENCES]
         text = ""
         for i in window:
             if text and len(text) + len(cands[i][2]) > EXTRACT_MAX_CHARS:
@@ -310,7 +315,7 @@ class Tutor:
         for other in sorted({c[0] for c in cands} - {bp}):
             idx = [i for i, c in enumerate(cands) if c[0] == other]
             j = max(idx, key=lambda i: scores[i])
-            if scores[j] >= scores[best] - EXTRACT_EXTRA_MARGIN and len(text) + len(cands[j][2]) <= EXTRACT_MAX_CHARS:
+            if scores[j] >= scores[best] - EXTRACT_EXTRA_MARGIN and len(text) + len(cands[j][2]) <= EXTRACT_MAX_CHARS + EXTRACT_EXTRA_CHARS:
                 text = f"{text} {cands[j][2]}"
         heading = hits[bp].chunk.section.rsplit(" > ", 1)[-1]
         if re.search(r"\d", heading) and heading.lower() not in text.lower():
