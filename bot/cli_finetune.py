@@ -188,7 +188,15 @@ def finetune(
     if before is not None and after is not None:
         from finetune.evaluate import is_better
 
-        better, why = is_better(before, after)
+        floor = before
+        if reg.current_version() is None:  # `auto` answers by extraction until a model is promoted
+            from finetune.evaluate import extractive_question_set, with_extractive_floor
+
+            extractive = extractive_question_set(crs, retriever)
+            if extractive:
+                summary["extractive"] = extractive
+                floor = with_extractive_floor(before, extractive)
+        better, why = is_better(floor, after)
         decision = f"{why}: " + ("better" if better else "not better")
         if promote and better:
             try:

@@ -174,3 +174,17 @@ def test_is_better_needs_a_higher_primary_and_no_guard_regression():
     assert not is_better(base, {**base, "primary": 0.55, "abstention_recall": 0.95})[0]
     assert not is_better(base, {**base, "primary": 0.50})[0]  # a tie is not better
     assert is_better({"model": "x", "primary": 0.5}, {"primary": 0.6})[0]  # no question set: primary only
+
+
+def test_guards_hold_against_extraction_while_no_model_is_promoted():
+    from finetune.evaluate import is_better, with_extractive_floor
+
+    base = {"model": "base", "primary": 0.5, "fact_coverage": 0.43, "abstention_recall": 1.0}
+    extractive = {"fact_coverage": 0.72, "abstention_recall": 1.0}
+    cand = {**base, "primary": 0.6, "fact_coverage": 0.60}
+    assert is_better(base, cand)[0]  # better than the base model ...
+    floor = with_extractive_floor(base, extractive)
+    ok, why = is_better(floor, cand)  # ... but worse than what students get now
+    assert not ok and "extractive" in why and "0.72" in why
+    assert is_better(floor, {**cand, "fact_coverage": 0.70})[0]  # within the tolerance of extraction
+    assert with_extractive_floor(base, None) is base
