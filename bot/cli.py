@@ -41,7 +41,8 @@ def _mount_optional() -> None:
 _mount_optional()
 
 console = Console(stderr=True)
-out = Console(soft_wrap=True)
+# Piped output (logs, CI) gets room for whole table rows instead of rich's default 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 CourseOpt = Annotated[Path | None, typer.Option("--course", help="Course folder (default: the configured course).")]
 IndexOpt = Annotated[Path | None, typer.Option("--index", help="Index folder (default: <data_dir>/index/<course id>).")]

@@ -38,7 +38,7 @@ feedback_app = typer.Typer(help="Review students' votes on answers (approved ans
                            no_args_is_help=True)
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 160)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
