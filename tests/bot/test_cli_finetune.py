@@ -206,6 +206,10 @@ def fake_pipeline(env, monkeypatch):
 
     monkeypatch.setattr(train_mod, "main", fake_train)
     monkeypatch.setattr(evaluate_mod, "evaluate_model", fake_eval)
+    # The real extractor needs a real embedder (the fake retriever has none); the extractive floor
+    # itself is tested in tests/finetune/test_evaluate.py.
+    monkeypatch.setattr(evaluate_mod, "extractive_question_set",
+                        lambda course, retriever, questions=None: {"fact_coverage": 0.7, "abstention_recall": 1.0})
     return {"calls": calls, "scores": scores}
 
 
