@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks._report import BENCH_DOC, stamp, table, write_section  # noqa: E402
 from finetune.base_model import ensure_base_model  # noqa: E402
-from finetune.generator import HFGenerator  # noqa: E402
+from finetune.generator import FirstTokenClock, HFGenerator  # noqa: E402
 from knowledge.batching import BatchingGenerator  # noqa: E402
 from knowledge.generation import GenerationRequest, Passage, build_messages  # noqa: E402
 
@@ -223,30 +223,14 @@ def measure_stream(
     stats.stream_tps.append(n / total)
 
 
-class _FirstToken:
-    """A transformers streamer that only notes when the first new token arrives."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.first: float | None = None
-
-    def put(self, value: object) -> None:
-        self.calls += 1
-        if self.calls == 2:  # the first call carries the prompt
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
 def baseline_stream(
     base: Baseline, r: GenerationRequest, threads: int | None = None
 ) -> tuple[int, float, float]:
-    streamer = _FirstToken()
+    streamer = FirstTokenClock()
     t0 = time.perf_counter()
     n = len(base.run(r, force=True, threads=threads, streamer=streamer))
     total = time.perf_counter() - t0
-    return n, (streamer.first or t0 + total) - t0, total
+    return n, (streamer.at or t0 + total) - t0, total
 
 
 def ours_stream(gen: HFGenerator, r: GenerationRequest) -> tuple[int, float, float]:

@@ -147,6 +147,13 @@ def question_set(tutor, path: Path | str = TUTOR_QUESTIONS, *, workers: int = 8)
     }
 
 
+def default_questions(course, questions: Path | str | None) -> Path | str | None:
+    """The question set to use: the one given, else the sample course's own for the sample course."""
+    if questions is None and getattr(course, "id", None) == SAMPLE_COURSE_ID and TUTOR_QUESTIONS.is_file():
+        return TUTOR_QUESTIONS
+    return questions
+
+
 def evaluate_model(
     model_dir: Path | str,
     dataset: Dataset,
@@ -178,8 +185,7 @@ def evaluate_model(
     model_dir = Path(model_dir)
     examples = dataset.split(split)
     name = read_model_name(model_dir)
-    if questions is None and course is not None and getattr(course, "id", None) == SAMPLE_COURSE_ID and TUTOR_QUESTIONS.is_file():
-        questions = TUTOR_QUESTIONS
+    questions = default_questions(course, questions)
     use_questions = questions is not None and course is not None and retriever is not None
     cache_file = None
     if cache_dir is not None:
@@ -271,8 +277,7 @@ def extractive_question_set(course, retriever, questions: Path | str | None = No
     """The question set answered by extraction (no model), for the sample course; None otherwise."""
     from knowledge.tutor import Tutor
 
-    if questions is None and getattr(course, "id", None) == SAMPLE_COURSE_ID and TUTOR_QUESTIONS.is_file():
-        questions = TUTOR_QUESTIONS
+    questions = default_questions(course, questions)
     if questions is None:
         return None
     res = question_set(Tutor(course, retriever, None, mode="extractive"), questions)

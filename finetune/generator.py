@@ -956,7 +956,7 @@ class _HFEngine:
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
         torch.set_num_threads(self.threads)  # this thread only
-        first = _FirstTokenClock()
+        first = FirstTokenClock()
         started = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(
@@ -986,7 +986,7 @@ class _HFEngine:
         return outputs
 
 
-class _FirstTokenClock:
+class FirstTokenClock:
     """A transformers streamer that only notes when the first generated token arrives."""
 
     def __init__(self) -> None:
