@@ -106,6 +106,17 @@ def test_answers_in_course_questions_with_sources(ask, question, section, fact):
     assert a.latency_ms > 0
 
 
+def test_the_answer_comes_from_the_lessons_most_specific_section(ask, retriever):
+    """Retrieval ranks the deep dive's expert notes first (they mention the learning rate in passing);
+    the extractor answers from the same lesson's section that names the techniques."""
+    q = "how do experts stop fine-tuning from wrecking a big model?"
+    top = retriever.search(q, 5)
+    assert "Expert notes" in top[0].chunk.section  # the premise: a neighbouring section leads
+    a = ask(q)
+    low = a.text.lower()
+    assert "regularisation" in low and "learning rate" in low and "freez" in low
+
+
 def test_answer_text_comes_from_the_cited_course(ask, course):
     a = ask("What is fine-tuning?")
     course_text = " ".join(" ".join(d.text.split()) for d in course.documents)
