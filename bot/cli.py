@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -272,10 +273,14 @@ def answer_json(a) -> dict:
     }
 
 
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+
+
 def print_answer(a) -> None:
     for n in a.notices:
         out.print(f"[yellow]{escape(n)}[/]", highlight=False)
-    out.print(a.text, highlight=False, markup=False, emoji=False)
+    # The tutor writes Discord's **bold**; the terminal shows it as bold, never as asterisks.
+    out.print(_BOLD.sub(r"[bold]\1[/bold]", escape(a.text)), highlight=False, emoji=False)
     if a.sources:
         out.print("[dim]Sources:[/]")
         for r in a.sources:

@@ -263,6 +263,23 @@ def test_ask_plain_text(env):
     assert "lessons/02-lora.txt" in result.stdout
 
 
+def test_a_declined_question_in_the_terminal_shows_no_markdown(env):
+    result = run("ask", "what is the capital of France?", "--mode", "extractive")
+    assert result.exit_code == 0, result.output
+    out = flat(result.stdout)
+    assert "doesn't cover that" in out
+    assert "**" not in out  # Discord's bold is rendered (or dropped when piped), not shown as asterisks
+    assert "[bold]" not in out  # and the markup never leaks as text
+
+
+def test_answer_text_that_looks_like_markup_is_printed_as_is(capsys):
+    from bot.cli import print_answer
+    from knowledge.tutor import Answer
+
+    print_answer(Answer(question="q", text="use [red]x[/red] and **bold** [b]", answered=True, confidence=1.0))
+    assert "use [red]x[/red] and bold [b]" in flat(capsys.readouterr().out)
+
+
 # --- chat ----------------------------------------------------------------------------------------------
 
 
