@@ -137,7 +137,7 @@ def open_retriever(s):
     """Load course, index (building it if missing) and retriever for the configured course."""
     from knowledge.course import load_course
     from knowledge.embedder import shared_minilm
-    from knowledge.index import IndexMissingError, KnowledgeIndex, build_index
+    from knowledge.index import IndexMismatchError, IndexMissingError, KnowledgeIndex, build_index
     from knowledge.retriever import Retriever
 
     course = load_course(s.course_dir)
@@ -150,6 +150,9 @@ def open_retriever(s):
             idx = build_index(course, target, emb, show_progress=sys.stderr.isatty())
     except IndexMissingError:
         console.print(f"No index for {course.id} yet; building it (one time)…")
+        idx = build_index(course, target, emb, show_progress=sys.stderr.isatty())
+    except IndexMismatchError as exc:  # an older format, another model or a damaged folder
+        console.print(f"[yellow]Rebuilding the index: {exc}[/]")
         idx = build_index(course, target, emb, show_progress=sys.stderr.isatty())
     return course, Retriever(idx, emb, dense_weight=s.dense_weight, bm25_weight=s.bm25_weight)
 

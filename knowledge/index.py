@@ -36,7 +36,7 @@ from knowledge.embedder import Embedder
 from knowledge.text import keyword_tokens
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keyword tokens join British and American spellings (knowledge.text)
 HNSW_THRESHOLD = 50_000  # below this, exact inner product search is fast enough (< 5 ms)
 HNSW_M = 32
 HNSW_EF_SEARCH = 128

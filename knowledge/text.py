@@ -12,6 +12,23 @@ STOPWORDS = frozenset(
     ["a", "about", "above", "after", "again", "against", "all", "am", "an", "and", "any", "are", "aren't", "as", "at", "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "can't", "cannot", "could", "couldn't", "did", "didn't", "do", "does", "doesn't", "doing", "don't", "down", "during", "each", "few", "for", "from", "further", "had", "hadn't", "has", "hasn't", "have", "haven't", "having", "he", "he'd", "he'll", "he's", "her", "here", "here's", "hers", "herself", "him", "himself", "his", "how", "how's", "i", "i'd", "i'll", "i'm", "i've", "if", "in", "into", "is", "isn't", "it", "it's", "its", "itself", "let's", "me", "more", "most", "mustn't", "my", "myself", "no", "nor", "not", "of", "off", "on", "once", "only", "or", "other", "ought", "our", "ours", "ourselves", "out", "over", "own", "same", "shan't", "she", "she'd", "she'll", "she's", "should", "shouldn't", "so", "some", "such", "than", "that", "that's", "the", "their", "theirs", "them", "themselves", "then", "there", "there's", "these", "they", "they'd", "they'll", "they're", "they've", "this", "those", "through", "to", "too", "under", "until", "up", "very", "was", "wasn't", "we", "we'd", "we'll", "we're", "we've", "were", "weren't", "what", "what's", "when", "when's", "where", "where's", "which", "while", "who", "who's", "whom", "why", "why's", "with", "won't", "would", "wouldn't", "you", "you'd", "you'll", "you're", "you've", "your", "yours", "yourself", "yourselves", "also", "just", "get", "got", "may", "might", "must", "shall", "will", "would", "us", "im", "ive", "dont", "doesnt", "isnt", "whats", "hey", "hi", "hello", "please", "thanks", "thank", "ok", "okay", "yeah", "yes", "pls", "plz", "thx", "ty", "eli5", "tbh", "lol", "idk", "imo", "u", "ur"]
 )
 _WORD_RE = re.compile(r"[a-z0-9]+(?:['’-][a-z0-9]+)*")
+# British and American spellings meet before stemming (the stemmer strips "-ize" but not "-ise",
+# so "memorising" and "memorizing" stemmed apart): -ise/-isation/-yse -> -ize/-ization/-yze, -our -> -or.
+_BRITISH_ISE = re.compile(r"(?<=[a-z]{3})is(e|es|ed|ing|ation|ations|er|ers)$")
+_BRITISH_YSE = re.compile(r"(?<=[a-z]{3})ys(e|es|ed|ing|er|ers)$")
+_BRITISH_OUR = re.compile(
+    r"^(colo|behavio|favo|flavo|hono|labo|neighbo|humo|rumo|harbo|vapo|savo|endeavo|armo|odo|vigo|rigo|tumo|savio)ur"
+)
+
+
+def _american(word: str) -> str:
+    if "is" in word:
+        word = _BRITISH_ISE.sub(r"iz\1", word)
+    if "ys" in word:
+        word = _BRITISH_YSE.sub(r"yz\1", word)
+    if "our" in word:
+        word = _BRITISH_OUR.sub(r"\1r", word)
+    return word
 
 
 _local = threading.local()
@@ -28,7 +45,8 @@ def _stemmer() -> Stemmer.Stemmer:
 
 def keyword_tokens(text: str) -> list[str]:
     """Lower-cased, stop words removed, stemmed. Hyphenated words also count as their joined form
-    ("pre-training" -> "pretrain", "pre", "train") so "pretraining" and "pre-training" match."""
+    ("pre-training" -> "pretrain", "pre", "train") so "pretraining" and "pre-training" match, and
+    British spellings meet American ones ("memorising" and "memorizing" give the same token)."""
     words: list[str] = []
     for w in _WORD_RE.findall(text.lower().replace("’", "'")):
         if w in STOPWORDS:
@@ -39,4 +57,5 @@ def keyword_tokens(text: str) -> list[str]:
             words.extend(parts)
         else:
             words.append(w.replace("'", ""))
+    words = [_american(w) for w in words]
     return _stemmer().stemWords(words) if words else []

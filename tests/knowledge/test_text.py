@@ -1,0 +1,36 @@
+"""Keyword tokens: what BM25 and the tutor's grounding checks count as the same word."""
+
+import pytest
+
+from knowledge.text import keyword_tokens
+
+
+@pytest.mark.parametrize(
+    ("british", "american"),
+    [
+        ("memorising", "memorizing"),
+        ("generalisation", "generalization"),
+        ("specialised", "specialized"),
+        ("regularisation", "regularization"),
+        ("optimiser", "optimizer"),
+        ("analyse", "analyze"),
+        ("colour", "color"),
+        ("behaviours", "behaviors"),
+    ],
+)
+def test_british_and_american_spellings_give_the_same_token(british, american):
+    assert keyword_tokens(british) == keyword_tokens(american)
+
+
+def test_words_that_only_look_british_keep_their_meaning():
+    # "four" must not become "for" (a stop word), and short words are left alone.
+    assert keyword_tokens("four hours of noise") == ["four", "hour", "nois"]
+    assert keyword_tokens("wise rise raise") == ["wise", "rise", "rais"]
+
+
+def test_hyphenated_words_match_their_joined_form():
+    assert "pretrain" in keyword_tokens("pre-training") and keyword_tokens("pretraining") == ["pretrain"]
+
+
+def test_stop_words_and_case_are_dropped():
+    assert keyword_tokens("What IS the Learning Rate?") == ["learn", "rate"]
