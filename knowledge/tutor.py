@@ -66,6 +66,12 @@ log = logging.getLogger(__name__)
 MIN_COSINE = 0.36
 MIN_COSINE_WITH_KEYWORDS = 0.20
 MIN_BM25_FOR_KEYWORDS = 3.0
+# FAQ records are questions themselves, so any question sits closer to them: with the sample course's
+# 128-record FAQ, off-topic messages reached a cosine of 0.44 with a record ("how do convolutional
+# layers work?" -> a record on the movie-review model's layers) while every in-course question still
+# had a relevant passage with FAQ records held to 0.45-0.55; the middle of that band is used, and the
+# keyword route needs the lesson threshold's cosine.
+FAQ_COSINE_MARGIN = 0.14  # MIN_COSINE + this = 0.50 for FAQ records
 SHORT_QUESTION_TERMS = 3  # a question of at most this many content words, all of them course terms
 MIN_COSINE_COURSE_TERMS = 0.15  # ... needs only this cosine ("what are adapters?" reaches 0.196)
 GEN_PASSAGES = 3
@@ -79,6 +85,7 @@ EXTRACT_SENTENCES = 3
 EXTRACT_MAX_CHARS = 600
 EXTRACT_WHOLE_EXTRA = 1  # a passage of up to EXTRACT_SENTENCES + 1 sentences (within the cap) is given whole
 EXTRACT_EXTRA_CHARS = 150  # a close second passage may add one sentence past the cap
+EXTRACT_MAX_EXTRA = 1  # sentences taken from passages other than the chosen one
 EXTRACT_EXTRA_MARGIN = 0.15  # measured: 0 -> 35/60 full answers, 0.05 -> 38, 0.2 -> 39 (before whole passages; with them 0.1-0.2 -> 43-44)
 MAX_ANSWER_SENTENCES = 4
 SUPPORT_MIN = 0.6  # share of a generated sentence's content words that must appear in the passages
@@ -235,11 +242,17 @@ class Tutor:
         course_terms = 0 < len(toks) <= SHORT_QUESTION_TERMS and toks <= self._vocabulary(retriever)
         out = []
         for h in hits:
-            if (
-                h.dense_score >= self.min_cosine
-                or (h.dense_score >= MIN_COSINE_WITH_KEYWORDS and h.bm25_score >= MIN_BM25_FOR_KEYWORDS)
-                or (course_terms and h.dense_score >= MIN_COSINE_COURSE_TERMS)
-            ):
+            if h.chunk.kind == "faq":
+                relevant = h.dense_score >= self.min_cosine + FAQ_COSINE_MARGIN or (
+                    h.dense_score >= self.min_cosine and h.bm25_score >= MIN_BM25_FOR_KEYWORDS
+                )
+            else:
+                relevant = (
+                    h.dense_score >= self.min_cosine
+                    or (h.dense_score >= MIN_COSINE_WITH_KEYWORDS and h.bm25_score >= MIN_BM25_FOR_KEYWORDS)
+                    or (course_terms and h.dense_score >= MIN_COSINE_COURSE_TERMS)
+                )
+            if relevant:
                 out.append(h)
         return out
 
@@ -319,22 +332,30 @@ class Tutor:
             pos = own.index(best)
             start = max(0, min(pos, len(own) - EXTRACT_SENTENCES))
             window = own[start:start + EXTRACT_SENTENCES]
-        text = ""
+        heading = hits[bp].chunk.section.rsplit(" > ", 1)[-1]
+        lead = heading.rstrip(".") if re.search(r"\d", heading) else ""  # "Results: 90% ..." carries the numbers
+        parts: list[str] = []
         for i in window:
-            if text and len(text) + len(cands[i][2]) > EXTRACT_MAX_CHARS:
+            if parts and len(" ".join(parts)) + len(cands[i][2]) > EXTRACT_MAX_CHARS:
                 break
-            text = f"{text} {cands[i][2]}".strip()
+            parts.append(cands[i][2])
+        if lead and lead.lower() in " ".join(parts).lower():
+            lead = ""
         # A second passage often holds the other half of the answer ("how did they fix it?" spans
-        # several sections): add its best sentence when it scores close to the best one.
+        # several sections): add its best sentence when it scores close to the best one, while the
+        # answer stays within MAX_ANSWER_SENTENCES.
+        extra = 0
         for other in sorted({c[0] for c in cands} - {bp}):
+            if extra >= EXTRACT_MAX_EXTRA or len(parts) + bool(lead) >= MAX_ANSWER_SENTENCES:
+                break
             idx = [i for i, c in enumerate(cands) if c[0] == other]
             j = max(idx, key=lambda i: scores[i])
-            if scores[j] >= scores[best] - EXTRACT_EXTRA_MARGIN and len(text) + len(cands[j][2]) <= EXTRACT_MAX_CHARS + EXTRACT_EXTRA_CHARS:
-                text = f"{text} {cands[j][2]}"
-        heading = hits[bp].chunk.section.rsplit(" > ", 1)[-1]
-        if re.search(r"\d", heading) and heading.lower() not in text.lower():
-            text = f"{heading.rstrip('.')}. {text}"  # headings such as "Results: 90% ..." carry the numbers
-        return text
+            if scores[j] >= scores[best] - EXTRACT_EXTRA_MARGIN and len(" ".join(parts)) + len(cands[j][2]) <= EXTRACT_MAX_CHARS + EXTRACT_EXTRA_CHARS:
+                parts.append(cands[j][2])
+                extra += 1
+        if lead:
+            parts = [f"{lead}."] + parts[: MAX_ANSWER_SENTENCES - 1]
+        return " ".join(parts)
 
     def _grounded(self, generated: str, hits: list[Hit], retriever: Retriever) -> str | None:
         """Keep the generated sentences a student can trust: each must restate something the passages
