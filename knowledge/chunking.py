@@ -215,6 +215,7 @@ def chunk_course(
     return chunks
 
 
+_LIST_ITEM_RE = re.compile(r"^\s*([-*+]|\d+[.)])\s+")
 _FENCE_RE = re.compile(r"^```.*?^```[^\n]*$", re.DOTALL | re.MULTILINE)
 _TABLE_RULE_RE = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
 
@@ -253,7 +254,14 @@ def sentences(text: str) -> Iterable[str]:
     """Sentences of a passage (for extractive answers and grounding checks): Markdown list markers and
     emphasis removed, code blocks left out, tables turned into sentences."""
     for block in _prose_blocks(text):
-        clean = re.sub(r"^\s*([-*+]|\d+[.)])\s+", "", block, flags=re.MULTILINE)
+        lines = []
+        for line in block.split("\n"):
+            item = _LIST_ITEM_RE.match(line)
+            if item:  # a list item is a sentence of its own, ended if its author did not end it
+                line = line[item.end():].rstrip()
+                line = line if not line or line[-1] in ".!?:;" else line + "."
+            lines.append(line)
+        clean = "\n".join(lines)
         clean = re.sub(r"\*{1,3}|`+|(?<!\w)_{1,2}(?=\w)|(?<=\w)_{1,2}(?!\w)", "", clean)
         para = " ".join(clean.split())
         for a, b in _sentence_spans(para, 0, len(para)):

@@ -279,7 +279,8 @@ class Tutor:
             if key in seen:
                 continue
             seen.add(key)
-            out.append(SourceRef(h.source, h.chunk.title, h.chunk.section, round(h.score, 4), h.excerpt(200)))
+            title = "FAQ" if h.chunk.kind == "faq" else h.chunk.title  # cited as "FAQ > <its section>"
+            out.append(SourceRef(h.source, title, h.chunk.section, round(h.score, 4), h.excerpt(200)))
             if len(out) == limit:
                 break
         return tuple(out)
@@ -354,7 +355,7 @@ class Tutor:
                 parts.append(cands[j][2])
                 extra += 1
         if lead:
-            parts = [f"{lead}."] + parts[: MAX_ANSWER_SENTENCES - 1]
+            parts = [f"{lead}.", *parts[: MAX_ANSWER_SENTENCES - 1]]
         return " ".join(parts)
 
     def _grounded(self, generated: str, hits: list[Hit], retriever: Retriever) -> str | None:

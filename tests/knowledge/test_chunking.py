@@ -240,3 +240,38 @@ def test_sentences_strip_markdown_markers():
     assert list(sentences(text)) == [
         "Pre-training learns broad patterns.", "It uses lots of data.", "Fine-tuning adapts it.",
     ]
+
+
+# --- sentences of a passage (extractive answers) ------------------------------------------------------
+
+
+def test_sentences_leave_code_blocks_out_and_keep_identifiers():
+    text = (
+        "The model is compiled with **binary_crossentropy** and watches `val_loss`.\n\n"
+        "```python\nopt = Adam(learning_rate=1e-5)  # very small steps\nmodel.compile(opt)\n```\n\n"
+        "Why: small steps are _gentle_."
+    )
+    assert list(sentences(text)) == [
+        "The model is compiled with binary_crossentropy and watches val_loss.",
+        "Why: small steps are gentle.",
+    ]
+
+
+def test_a_markdown_table_reads_as_sentences():
+    text = (
+        "After the four changes:\n\n"
+        "| | Training accuracy | Validation accuracy |\n|---|---|---|\n"
+        "| Before | 98% | 70% (overfitting) |\n| After | 90% | 87% |\n"
+    )
+    assert list(sentences(text)) == [
+        "After the four changes:",
+        "Before: Training accuracy 98%, Validation accuracy 70% (overfitting).",
+        "After: Training accuracy 90%, Validation accuracy 87%.",
+    ]
+    assert not any("|" in s for s in sentences(text))
+
+
+def test_list_items_are_sentences():
+    assert list(sentences("- **Freeze** layers\n- Lower the learning rate.\n1. Stop early")) == [
+        "Freeze layers.", "Lower the learning rate.", "Stop early.",
+    ]

@@ -9,6 +9,7 @@ whatever model is plugged in, and which a real model could not exercise on deman
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -28,8 +29,15 @@ PINGS = ("@everyone", "@here", "<@")
 
 
 @pytest.fixture(scope="module")
-def course():
+def full_course():
     return load_course(SAMPLE_COURSE)
+
+
+@pytest.fixture(scope="module")
+def course(full_course):
+    """The sample course's lessons only: these tests pin the extractor's behaviour on lesson passages.
+    The course as shipped, with its FAQ, has its own tests below."""
+    return dataclasses.replace(full_course, faq=())
 
 
 @pytest.fixture(scope="module")
@@ -101,20 +109,9 @@ def test_answers_in_course_questions_with_sources(ask, question, section, fact):
         assert s.label == f"{s.title} > {s.section}" and " > " in s.label  # cited as lesson > section
         assert s.excerpt and s.score > 0
     assert [s.score for s in a.sources] == sorted((s.score for s in a.sources), reverse=True)
-    assert len(list(sentences(a.text))) <= 6 and len(a.text) <= 800  # short
+    assert len(list(sentences(a.text))) <= 4 and len(a.text) <= 800  # short: at most four sentences
     assert not a.text.startswith("#") and "**" not in a.text
     assert a.latency_ms > 0
-
-
-def test_the_answer_comes_from_the_lessons_most_specific_section(ask, retriever):
-    """Retrieval ranks the deep dive's expert notes first (they mention the learning rate in passing);
-    the extractor answers from the same lesson's section that names the techniques."""
-    q = "how do experts stop fine-tuning from wrecking a big model?"
-    top = retriever.search(q, 5)
-    assert "Expert notes" in top[0].chunk.section  # the premise: a neighbouring section leads
-    a = ask(q)
-    low = a.text.lower()
-    assert "regularisation" in low and "learning rate" in low and "freez" in low
 
 
 def test_answer_text_comes_from_the_cited_course(ask, course):
@@ -471,3 +468,44 @@ def test_terse_questions_on_covered_topics_are_answered(ask, question):
     a = ask(question)
     assert a.answered is True
     assert any("LoRA" in s.section for s in a.sources)
+
+
+# --- the course as shipped, with its FAQ ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faq_tutor(full_course, tmp_path_factory):
+    emb = shared_minilm()
+    retriever = Retriever(build_index(full_course, tmp_path_factory.mktemp("faq-index"), emb), emb)
+    return Tutor(full_course, retriever, None, mode="extractive")
+
+
+def test_the_sample_course_ships_a_faq(full_course):
+    assert len(full_course.faq) >= 100
+    assert all(r.question.strip() and r.answer.strip() and r.section for r in full_course.faq)
+
+
+def test_a_faq_answer_is_cited_as_faq_and_given_whole(faq_tutor, full_course):
+    a = faq_tutor.answer("How many units does the hidden Dense layer have in the movie review model?")
+    assert a.answered and a.sources[0].title == "FAQ" and a.sources[0].label.startswith("FAQ > ")
+    record = next(r for r in full_course.faq if r.id == a.sources[0].source)
+    assert " ".join(record.answer.split()) in a.text
+    assert "64" in a.text
+
+
+def test_answers_stay_within_four_sentences(faq_tutor):
+    for q in ("explain the whole movie review experiment", "what is fine-tuning and why does it matter?",
+              "tell me everything about the pitfalls of fine-tuning"):
+        a = faq_tutor.answer(q)
+        assert a.answered and 1 <= len(list(sentences(a.text))) <= 4, a.text
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["how do convolutional layers work in a CNN?", "do you think AI will take over the world? be honest",
+     "what's your favourite movie?"],
+)
+def test_faq_records_do_not_pull_in_off_topic_questions(faq_tutor, message):
+    # questions sit close to FAQ questions: records are held to a higher cosine than lesson passages
+    a = faq_tutor.answer(message)
+    assert a.answered is False and a.mode == "declined"
