@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     # --- retrieval ------------------------------------------------------------------------
     retrieval_k: int = Field(5, ge=1, le=50, description="Passages retrieved per question.")
     dense_weight: float = Field(0.6, ge=0, description="Weight of the cosine similarity in the fused score.")
-    bm25_weight: float = Field(0.4, ge=0, description="Weight of the (max-normalised) BM25 score in the fused score.")
+    bm25_weight: float = Field(0.4, ge=0, description="Weight of the (max-normalised) keyword score, BM25 of words + phrases, in the fused score.")
 
     # --- answering ------------------------------------------------------------------------
     answer_mode: Literal["auto", "generative", "extractive"] = Field(

@@ -8,7 +8,8 @@ Folder layout (``index_dir``)::
         chunks.jsonl                 one Chunk per line, in index order
         vectors.npy                  (n, dim) float32 normalised embeddings (reused by the next build)
         dense.faiss                  the FAISS index
-        bm25/                        the bm25s index
+        bm25/                        the bm25s index of words (keyword_tokens)
+        bm25_phrases/                the bm25s index of adjacent word pairs (phrase_terms) of FAQ records
 
 A build writes a new folder, then repoints ``current``: a reader never sees a half-written index,
 and a failed build leaves the index in service untouched. Rebuilding re-embeds only chunks whose
@@ -33,10 +34,10 @@ import numpy as np
 from knowledge.chunking import Chunk, chunk_course
 from knowledge.course import Course
 from knowledge.embedder import Embedder
-from knowledge.text import keyword_tokens
+from knowledge.text import keyword_tokens, phrase_terms
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 2: keyword tokens join British and American spellings (knowledge.text)
+FORMAT_VERSION = 3  # 2: keyword tokens join British and American spellings (knowledge.text); 3: the phrase index
 HNSW_THRESHOLD = 50_000  # below this, exact inner product search is fast enough (< 5 ms)
 HNSW_M = 32
 HNSW_EF_SEARCH = 128
@@ -108,13 +109,28 @@ def _make_bm25(chunks: list[Chunk]) -> bm25s.BM25:
     return bm25
 
 
+def chunk_phrases(chunk: Chunk) -> list[str]:
+    """The phrase index's terms of a chunk: adjacent word pairs within each of its phrase fields."""
+    return [t for f in chunk.phrase_fields for t in phrase_terms(keyword_tokens(f))]
+
+
+def _make_phrase_bm25(chunks: list[Chunk]) -> bm25s.BM25:
+    bm25 = bm25s.BM25()
+    bm25.index([chunk_phrases(c) or [""] for c in chunks], show_progress=False)
+    return bm25
+
+
 class KnowledgeIndex:
-    def __init__(self, manifest: IndexManifest, chunks: list[Chunk], vectors: np.ndarray, dense: faiss.Index, bm25: bm25s.BM25):
+    def __init__(
+        self, manifest: IndexManifest, chunks: list[Chunk], vectors: np.ndarray, dense: faiss.Index,
+        bm25: bm25s.BM25, phrases: bm25s.BM25,
+    ):
         self.manifest = manifest
         self.chunks = chunks
         self.vectors = vectors
         self.dense = dense
-        self.bm25 = bm25
+        self.bm25 = bm25  # words
+        self.phrases = phrases  # adjacent word pairs
         self.path: Path | None = None
 
     def __len__(self) -> int:
@@ -148,6 +164,7 @@ class KnowledgeIndex:
             vectors[todo] = embedder.encode([chunks[i].embed_text for i in todo], batch_size=batch_size, show_progress=show_progress)
         dense, kind = _make_dense(vectors, hnsw_threshold)
         bm25 = _make_bm25(chunks)
+        phrases = _make_phrase_bm25(chunks)
         manifest = IndexManifest(
             course_id=course.id,
             course_title=course.title,
@@ -165,7 +182,7 @@ class KnowledgeIndex:
         )
         log.info("indexed %s: %d chunks (%d embedded, %d reused) in %.1fs [%s]",
                  course.id, len(chunks), len(todo), manifest.reused, manifest.build_seconds, kind)
-        return cls(manifest, chunks, vectors, dense, bm25)
+        return cls(manifest, chunks, vectors, dense, bm25, phrases)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, index_dir: Path | str) -> Path:
@@ -184,6 +201,7 @@ class KnowledgeIndex:
             np.save(tmp / "vectors.npy", self.vectors)
             faiss.write_index(self.dense, str(tmp / "dense.faiss"))
             self.bm25.save(str(tmp / "bm25"))
+            self.phrases.save(str(tmp / "bm25_phrases"))
             (tmp / "manifest.json").write_text(json.dumps(asdict(self.manifest), indent=2), encoding="utf-8")
             os.replace(tmp, final)
             link_tmp = index_dir / f".current-{build_id}"
@@ -229,11 +247,12 @@ class KnowledgeIndex:
             vectors = np.load(current / "vectors.npy")
             dense = faiss.read_index(str(current / "dense.faiss"))
             bm25 = bm25s.BM25.load(str(current / "bm25"))
+            phrases = bm25s.BM25.load(str(current / "bm25_phrases"))
         except (OSError, ValueError, TypeError, RuntimeError) as exc:
             raise IndexMismatchError(f"the index at {index_dir} is damaged ({exc}); {_rebuild_hint(manifest.course_dir)}") from exc
         if len(chunks) != manifest.chunk_count or vectors.shape != (manifest.chunk_count, manifest.dim) or dense.ntotal != len(chunks):
             raise IndexMismatchError(f"the index at {index_dir} is inconsistent; {_rebuild_hint(manifest.course_dir)}")
-        idx = cls(manifest, chunks, vectors, dense, bm25)
+        idx = cls(manifest, chunks, vectors, dense, bm25, phrases)
         idx.path = current
         return idx
 

@@ -1,14 +1,30 @@
-"""Hybrid retrieval: dense (MiniLM + FAISS) and BM25 candidates, fused by a weighted sum of scores.
+"""Hybrid retrieval: dense (MiniLM + FAISS) and keyword (BM25) candidates, fused by a weighted sum of scores.
 
 Candidates are the union of the top ``candidates`` of each ranking (within the course/section
 filter); each gets
 
-    score = w_dense * cosine(query, passage) + w_bm25 * bm25(query, passage) / max bm25 in the filter
+    keyword = bm25(query words, passage) + bm25(query phrases, passage)
+    score = w_dense * cosine(query, passage) + w_bm25 * keyword / max keyword in the filter
 
-On the FAQ benchmark (benchmarks/bench_retrieval.py, docs/BENCHMARKS.md) this beat reciprocal-rank
-fusion (hit@5 0.967 / MRR@5 0.922 against 0.962 / 0.903 for the best RRF weights) and was flat
-for w_dense between 0.4 and 0.6; on the sample course's question set 0.6-0.8 put the passage holding
-the answer first more often than 0.5, so the defaults are 0.6 / 0.4.
+Words are ``keyword_tokens``; phrases are adjacent pairs of them (``phrase_terms``), matched against
+a second BM25 index that holds the pairs of each FAQ record's section, question and answer (lessons
+have none: ``Chunk.phrase_fields`` says why). ``Hit.bm25_score`` is the words' score alone, as
+before the phrases, so the tutor's relevance thresholds keep their meaning.
+
+On the FAQ benchmark (benchmarks/bench_retrieval.py, docs/BENCHMARKS.md) score fusion beat
+reciprocal-rank fusion (hit@5 0.967 / MRR@5 0.922 against 0.962 / 0.903 for the best RRF weights) and
+was flat for w_dense between 0.4 and 0.6; on the sample course's question set 0.6-0.8 put the passage
+holding the answer first more often than 0.5, so the defaults are 0.6 / 0.4. The phrase index took
+hit@5 0.9669 -> 0.9687 and MRR@5 0.9218 -> 0.9244 at the same weights, better or equal in each of the
+three courses. Measured and not adopted (hit@5 at 0.6 / 0.4 unless said): other BM25 variants and
+k1/b (0.963-0.968; with phrases a k1/b/weight grid chosen on two courses and tested on the third gave
+0.967-0.968, below the defaults), BM25 divided by the query's idf sum instead of the best score
+(0.966-0.968), z-score or min-max normalisation (0.963-0.967), question-only or answer-only cosines as
+extra signals (0.962-0.967), 128-token passages for the dense side (dense alone 0.927 -> 0.931, hybrid
+unchanged), Rocchio feedback on the query vector (0.966-0.967), RM3 expansion (MRR@5 down to
+0.88-0.91), and a logistic regression over 14 such features, trained on two courses and tested on the
+third (0.968 over the three). About 110 of the ~145 remaining misses cannot be found from their text: placeholder questions
+("question1") shared by several records, and questions about content no record contains.
 """
 
 from __future__ import annotations
@@ -22,7 +38,7 @@ import numpy as np
 from knowledge.chunking import Chunk
 from knowledge.embedder import Embedder
 from knowledge.index import KnowledgeIndex
-from knowledge.text import keyword_tokens
+from knowledge.text import keyword_tokens, phrase_terms
 
 CANDIDATES = 50  # depth of each ranking before fusion
 
@@ -32,9 +48,10 @@ class Hit:
     chunk: Chunk
     score: float  # fused score
     dense_score: float  # cosine similarity of query and passage (-1..1)
-    bm25_score: float
+    bm25_score: float  # BM25 of the query's words (the word index alone: the tutor's relevance rule reads it)
     dense_rank: int | None
-    bm25_rank: int | None
+    bm25_rank: int | None  # rank by the keyword score (words + phrases)
+    phrase_score: float = 0.0  # BM25 of the query's adjacent word pairs (the phrase index)
 
     @property
     def source(self) -> str:
@@ -113,13 +130,19 @@ class Retriever:
         dense_cos = {int(i): float(s) for s, i in zip(d_scores[0], d_ids[0], strict=True) if i >= 0}
 
         tokens = keyword_tokens(query)
+        pairs = phrase_terms(tokens)
         bm25_rank: dict[int, int] = {}
         bm25_all = np.zeros(n, dtype=np.float32)
+        phrase_all = np.zeros(n, dtype=np.float32)
         if tokens:
             bm25_all = np.asarray(self.index.bm25.get_scores(tokens), dtype=np.float32)
-            cand = bm25_all if allowed is None else np.full(n, -1.0, dtype=np.float32)
+        if pairs:
+            phrase_all = np.asarray(self.index.phrases.get_scores(pairs), dtype=np.float32)
+        keyword_all = bm25_all + phrase_all
+        if tokens:
+            cand = keyword_all if allowed is None else np.full(n, -1.0, dtype=np.float32)
             if allowed is not None:
-                cand[allowed] = bm25_all[allowed]
+                cand[allowed] = keyword_all[allowed]
             top = np.argpartition(-cand, min(depth, n - 1))[:depth] if depth < n else np.arange(n)
             top = top[np.argsort(-cand[top], kind="stable")]
             bm25_rank = {int(i): r for r, i in enumerate(top) if cand[i] > 0}
@@ -129,9 +152,9 @@ class Retriever:
         if missing:  # keyword-only candidates still get their true cosine
             for i, sim in zip(missing, (self.index.vectors[missing] @ qv[0]).tolist(), strict=True):
                 dense_cos[i] = float(sim)
-        top_bm25 = max((float(bm25_all[i]) for i in bm25_rank), default=0.0)
+        top_kw = max((float(keyword_all[i]) for i in bm25_rank), default=0.0)
         fused = {
-            i: wd * dense_cos[i] + (wb * float(bm25_all[i]) / top_bm25 if top_bm25 > 0 else 0.0) for i in cands
+            i: wd * dense_cos[i] + (wb * float(keyword_all[i]) / top_kw if top_kw > 0 else 0.0) for i in cands
         }
         order = sorted(fused, key=lambda i: (-fused[i], i))[:k]
         return [
@@ -142,6 +165,7 @@ class Retriever:
                 bm25_score=float(bm25_all[i]),
                 dense_rank=dense_rank.get(i),
                 bm25_rank=bm25_rank.get(i),
+                phrase_score=float(phrase_all[i]),
             )
             for i in order
         ]

@@ -1,9 +1,10 @@
-"""Keyword tokenisation shared by the BM25 index and the tutor's grounding checks."""
+"""Keyword tokenisation shared by the BM25 indexes and the tutor's grounding checks."""
 
 from __future__ import annotations
 
 import re
 import threading
+from itertools import pairwise
 
 import Stemmer
 
@@ -59,3 +60,9 @@ def keyword_tokens(text: str) -> list[str]:
             words.append(w.replace("'", ""))
     words = [_american(w) for w in words]
     return _stemmer().stemWords(words) if words else []
+
+
+def phrase_terms(tokens: list[str]) -> list[str]:
+    """Adjacent pairs of keyword tokens, the terms of the phrase index: "learning rate" ->
+    ["learn_rate"]. Tokens never contain "_", so a pair cannot collide with a word."""
+    return [f"{a}_{b}" for a, b in pairwise(tokens)]

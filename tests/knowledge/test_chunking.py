@@ -213,6 +213,15 @@ def test_a_faq_record_is_one_chunk():
     assert chunk_faq(rec, "course-x", "The Course")[0].id == chunk.id
 
 
+def test_phrase_fields_are_a_faq_records_own_text(tiny_course):
+    rec = FaqRecord(id="r", question="Can I join late?", answer="Yes.", section="General")
+    (chunk,) = chunk_faq(rec, "course-x", "Machine Learning Zoomcamp")
+    assert chunk.phrase_fields == ("General", "Can I join late?", "Yes.")  # the course name is the filter
+    assert "Machine Learning Zoomcamp" in chunk.keyword_text  # the word index and vocabulary keep it
+    lesson = by_section(chunk_course(load_course(tiny_course)))["Fine-tuning > Freezing layers"]
+    assert lesson.phrase_fields == ()
+
+
 def test_faq_record_course_field_sets_the_chunk_course():
     rec = FaqRecord(id="r", question="Q?", answer="A.", course="data-engineering-zoomcamp")
     assert chunk_faq(rec, "faq", "T")[0].course_id == "data-engineering-zoomcamp"

@@ -21,6 +21,7 @@ from knowledge.index import (
     IndexMissingError,
     KnowledgeIndex,
     build_index,
+    chunk_phrases,
     content_hash,
 )
 from knowledge.retriever import Retriever
@@ -99,8 +100,24 @@ def test_manifest_fields(built, tiny, embedder):
     assert m["format_version"] == FORMAT_VERSION and m["course_dir"] == str(tiny.root)
     assert m["build_seconds"] >= 0
     assert sorted(p.name for p in (index_dir / "current").iterdir()) == [
-        "bm25", "chunks.jsonl", "dense.faiss", "manifest.json", "vectors.npy",
+        "bm25", "bm25_phrases", "chunks.jsonl", "dense.faiss", "manifest.json", "vectors.npy",
     ]
+
+
+def test_the_phrase_index_holds_word_pairs_of_faq_records(embedder, tmp_path):
+    faq = '[{"id": "f1", "question": "Docker could not translate host name", "answer": "Start the database first.", '
+    faq += '"section": "Setup"}]'
+    root = write_course(tmp_path / "c", {**TINY_COURSE, "faq/general.json": faq})
+    idx = build_index(load_course(root), tmp_path / "idx", embedder)
+    rec = next(c for c in idx.chunks if c.kind == "faq")
+    terms = chunk_phrases(rec)
+    assert "translat_host" in terms and "host_name" in terms and "databas_first" in terms
+    assert "name_start" not in terms and "setup_docker" not in terms  # no phrase spans two fields
+    assert all(chunk_phrases(c) == [] for c in idx.chunks if c.kind == "lesson")  # lessons have none
+    loaded = KnowledgeIndex.load(tmp_path / "idx")
+    scores = idx.phrases.get_scores(["host_name"])
+    np.testing.assert_allclose(loaded.phrases.get_scores(["host_name"]), scores)
+    assert scores[idx.chunks.index(rec)] > 0 and np.count_nonzero(scores) == 1
 
 
 def test_vectors_are_normalised_and_ordered_like_chunks(built, embedder):

@@ -171,3 +171,35 @@ def test_a_precomputed_query_vector_gives_the_same_hits(retriever, embedder):
     b = [(h.chunk.id, h.score) for h in retriever.search("what is LoRA", 3, query_vector=qv)]
     assert a == b
     assert isinstance(qv, np.ndarray) and qv.shape == (1, 384)
+
+
+# --- phrases ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def word_order_faq(embedder, tmp_path_factory):
+    """Two records with the same words in a different order: only the phrase index tells them apart."""
+    rows = [
+        {"id": "apart", "question": "About training?", "text": "The rate decays while learning."},
+        {"id": "phrase", "question": "About training?", "text": "The learning rate decays while."},
+    ]
+    p = tmp_path_factory.mktemp("phr") / "faq.json"
+    p.write_text(json.dumps(rows))
+    return Retriever(KnowledgeIndex.build(faq_course_from_json(p), embedder), embedder)
+
+
+def test_a_phrase_match_ranks_above_the_same_words_apart(word_order_faq):
+    from knowledge.text import keyword_tokens
+
+    r = word_order_faq
+    hits = r.search("what learning rate?", 2, dense_weight=0.0, bm25_weight=1.0)
+    assert [h.source for h in hits] == ["phrase", "apart"]
+    assert hits[0].score == pytest.approx(1.0) and hits[1].score < 1.0
+    # bm25_score stays the word index's score (the tutor's relevance rule reads it): equal for both
+    assert hits[0].bm25_score == pytest.approx(hits[1].bm25_score) and hits[1].bm25_score > 0
+    words = r.index.bm25.get_scores(keyword_tokens("what learning rate?"))
+    assert hits[0].bm25_score == pytest.approx(float(words[r.index.chunks.index(hits[0].chunk)]))
+    assert hits[0].phrase_score > 0 and hits[1].phrase_score == 0
+    # a one-word question has no phrase: the two records tie on keywords
+    one = r.search("learning", 2, dense_weight=0.0, bm25_weight=1.0)
+    assert one[0].score == pytest.approx(one[1].score) and all(h.phrase_score == 0 for h in one)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from knowledge.text import keyword_tokens
+from knowledge.text import keyword_tokens, phrase_terms
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,10 @@ def test_hyphenated_words_match_their_joined_form():
 
 def test_stop_words_and_case_are_dropped():
     assert keyword_tokens("What IS the Learning Rate?") == ["learn", "rate"]
+
+
+def test_phrase_terms_are_adjacent_token_pairs():
+    assert phrase_terms(keyword_tokens("What is the learning rate schedule?")) == ["learn_rate", "rate_schedul"]
+    assert phrase_terms(keyword_tokens("LoRA")) == [] and phrase_terms([]) == []
+    # stop words are gone before pairing: "rate of learning" pairs the content words
+    assert phrase_terms(keyword_tokens("rate of learning")) == ["rate_learn"]
