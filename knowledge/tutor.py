@@ -67,7 +67,7 @@ MIN_COSINE = 0.36
 MIN_COSINE_WITH_KEYWORDS = 0.20
 MIN_BM25_FOR_KEYWORDS = 3.0
 # FAQ records are questions themselves, so any question sits closer to them: with the sample course's
-# 128-record FAQ, off-topic messages reached a cosine of 0.44 with a record ("how do convolutional
+# 126-record FAQ, off-topic messages reached a cosine of 0.44 with a record ("how do convolutional
 # layers work?" -> a record on the movie-review model's layers) while every in-course question still
 # had a relevant passage with FAQ records held to 0.45-0.55; the middle of that band is used, and the
 # keyword route needs the lesson threshold's cosine.

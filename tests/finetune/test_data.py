@@ -131,7 +131,7 @@ def test_manifest_and_roundtrip(sample_ds, sample_course):
     assert m["course_id"] == "pretraining-finetuning" and m["seed"] == 7 and m["created_at"]
     assert m["counts"]["train"]["total"] == len(sample_ds.train)
     everything = len(sample_course.quizzes) + len(sample_course.flashcards) + len(sample_course.faq)
-    assert sum(m["counts"][s]["total"] for s in ("train", "val", "test")) == everything == 192
+    assert sum(m["counts"][s]["total"] for s in ("train", "val", "test")) == everything == 190
     assert len(m["sha256"]) == 64
     loaded = Dataset.load(sample_ds.path)
     assert loaded.train == sample_ds.train and loaded.sha256 == sample_ds.sha256
