@@ -86,6 +86,7 @@ EXTRACT_MAX_CHARS = 600
 EXTRACT_WHOLE_EXTRA = 1  # a passage of up to EXTRACT_SENTENCES + 1 sentences (within the cap) is given whole
 EXTRACT_EXTRA_CHARS = 150  # a close second passage may add one sentence past the cap
 EXTRACT_MAX_EXTRA = 1  # sentences taken from passages other than the chosen one
+EXTRACT_REDUNDANT = 0.8  # ... unless it restates one already given (cosine to it)
 EXTRACT_EXTRA_MARGIN = 0.15  # measured: 0 -> 35/60 full answers, 0.05 -> 38, 0.2 -> 39 (before whole passages; with them 0.1-0.2 -> 43-44)
 MAX_ANSWER_SENTENCES = 4
 SUPPORT_MIN = 0.6  # share of a generated sentence's content words that must appear in the passages
@@ -351,7 +352,9 @@ class Tutor:
                 break
             idx = [i for i, c in enumerate(cands) if c[0] == other]
             j = max(idx, key=lambda i: scores[i])
-            if scores[j] >= scores[best] - EXTRACT_EXTRA_MARGIN and len(" ".join(parts)) + len(cands[j][2]) <= EXTRACT_MAX_CHARS + EXTRACT_EXTRA_CHARS:
+            repeats = max(float(vecs[1 + j] @ vecs[1 + i]) for i in window) >= EXTRACT_REDUNDANT
+            if (not repeats and scores[j] >= scores[best] - EXTRACT_EXTRA_MARGIN
+                    and len(" ".join(parts)) + len(cands[j][2]) <= EXTRACT_MAX_CHARS + EXTRACT_EXTRA_CHARS):
                 parts.append(cands[j][2])
                 extra += 1
         if lead:

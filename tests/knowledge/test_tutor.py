@@ -509,3 +509,13 @@ def test_faq_records_do_not_pull_in_off_topic_questions(faq_tutor, message):
     # questions sit close to FAQ questions: records are held to a higher cosine than lesson passages
     a = faq_tutor.answer(message)
     assert a.answered is False and a.mode == "declined"
+
+
+def test_an_answer_does_not_say_the_same_thing_twice(faq_tutor):
+    # the FAQ record and the lesson's intro both list the three pitfalls: one of them is enough
+    a = faq_tutor.answer("what are the three pitfalls of fine-tuning?")
+    sents = list(sentences(a.text))
+    vecs = shared_minilm().encode(sents)
+    sims = vecs @ vecs.T
+    assert all(sims[i, j] < 0.8 for i in range(len(sents)) for j in range(i + 1, len(sents))), a.text
+    assert "learning rate" in a.text and "validation" in a.text
