@@ -9,14 +9,26 @@ each step in Python bookkeeping and reads 540 MB of fp32 weights per token. For 
 models (SmolLM2 is one) we run a lean engine of our own (numbers in ``docs/BENCHMARKS.md``, from
 ``benchmarks/bench_generation.py``):
 
-* decoding reads 4-bit weights (groups of 32, the scheme the packaged Q4_1 model shipped in, so
-  nearly lossless for it); the output layer stays bf16. Prefill multiplies bf16 copies of the
-  same weights, pre-packed once for oneDNN (AMX / AVX512-BF16), with silu*mul fused in;
+* weights for the CPU at hand (``dtype="auto"``). With native bf16 (AVX512-BF16/AMX): decoding
+  reads 4-bit weights (groups of 32, the scheme the packaged Q4_1 model shipped in, so nearly
+  lossless for it), the output layer stays bf16, and prefill multiplies bf16 copies of the same
+  weights, pre-packed once for oneDNN, with silu*mul fused in. Without it (AVX2): fp16 weights
+  through fbgemm with fp32 activations, for prefill and decoding alike (half the bytes of fp32,
+  faster than MKL's fp32 product at every batch size measured, same tokens as fp32);
+* passage caching: the passages come from a fixed course, so the keys and values of the prompt's
+  fixed prefix (system rule, "Course passages:", "[1]") and of each passage body are computed once
+  and kept in a bounded LRU (``_PassageCache``; keys stored before RoPE and rotated to wherever
+  the passage sits). A prompt then prefills only its labels ("[2]", "[3]") and the question, which
+  attend to everything. Passage [1] is exact; later passages do not attend to the passages before
+  them, an approximation whose effect on answers is measured in docs/BENCHMARKS.md
+  (``passage_cache=False`` prefills every prompt in full);
 * q/k/v and gate/up projections fused into one matrix each; RoPE as one complex multiplication;
 * the residual stream, norms, RoPE and softmax in fp32;
 * a static KV cache; each prompt is prefilled on its own (no padding waste), then all questions
   of a batch decode together, attention per question on its own slice of the cache. Every
-  operation treats rows independently, so a question gets the same answer alone or in a batch;
+  operation treats rows independently, so a question gets the same answer alone or in a batch:
+  matrix libraries compute small batches with other kernels (other bits), so decoding pads a
+  batch to a row count each layer measured at load to be safe (``_Linear``);
 * logits only for the last position; greedy; stops at end-of-turn, after ``max_sentences``
   sentences, on a loop, or when the model starts echoing the prompt;
 * cores used with care on shared machines (``_Threads``).
@@ -37,14 +49,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from knowledge.generation import GenerationError, GenerationRequest, build_messages
+from knowledge.generation import (
+    PASSAGE_SEPARATOR,
+    GenerationError,
+    GenerationRequest,
+    build_messages,
+    passage_body,
+    passage_label,
+)
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "tutorbot_model.json"
 Engine = Literal["auto", "fast", "hf"]
-DType = Literal["auto", "bfloat16", "float32"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
 Quantize = Literal["none", "int8", "int4"]
+CacheMode = Literal["prefix", "blocks", "off"]
 
 # Text that means the model has started to write the prompt again instead of answering.
 _ECHO_MARKERS = (
@@ -56,6 +76,20 @@ _ECHO_MARKERS = (
     "Question:",
 )
 _SPACES = re.compile(r"[ \t]+")
+
+
+def fp16_weights_available() -> bool:
+    """True when torch has fbgemm's fp16-weight matrix product (x86 builds): fp32 activations times
+    fp16 weights, AVX2-tuned; on CPUs without native bf16 it beats fp32 at every batch size here."""
+    try:
+        import torch
+
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            return False
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(8, 16), None)
+        return bool(torch.ops.quantized.linear_dynamic_fp16(torch.ones(2, 16), packed)[0, 0] == 16)
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -212,7 +246,9 @@ class HFGenerator:
             ``tutorbot_model.json``, whose ``name`` becomes ``self.name``).
         engine: ``"fast"`` (our lean Llama decoder), ``"hf"`` (transformers ``generate``) or
             ``"auto"`` (fast when the architecture is supported).
-        dtype: ``"auto"`` picks bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
+        dtype: ``"auto"`` picks bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp16
+            weights (``"float16"``: fbgemm's fp16-weight products with fp32 activations, the
+            residual stream and the KV cache in fp32; needs an x86 torch build), else fp32.
         quantize: weights of the decoder layers for decoding (the output layer stays bf16).
             ``"auto"``: what the folder's manifest asks for (``"quantize"``; the fine-tuning code
             writes it), else int4 with bf16 and none with fp32. ``"int4"``: 4-bit in groups of 32
@@ -228,6 +264,16 @@ class HFGenerator:
             ``threads`` by measuring both (see ``_Threads``).
         max_sentences: answers are cut after this many sentences.
         max_prompt_tokens: longer prompts keep their start and end (the question).
+        passage_cache: reuse keys and values computed for earlier prompts (fast engine only; see
+            ``_PassageCache``). ``"prefix"`` (default, exact): the prompt's fixed start, and its
+            passages when an earlier prompt began with the same passages in the same order (a
+            repeated question, or one whose top passages match); the answer is the one a full
+            prefill gives. ``"blocks"``: every passage from its own cached block, whatever its rank
+            and neighbours, so almost every prompt prefills only its question; passage [1] is
+            exact, but later passages do not attend to the passages before them, which costs the
+            base model answer quality (docs/BENCHMARKS.md: 29 -> 18 of 60 tutor answers with all
+            facts), so it is not the default. ``"off"`` (or False): every prompt prefilled in full.
+        passage_cache_mb: memory bound of that cache (least recently used blocks go first).
         name: overrides the manifest's name.
     """
 
@@ -241,11 +287,19 @@ class HFGenerator:
         threads: int | None = None,
         max_sentences: int = 4,
         max_prompt_tokens: int = 1536,
+        passage_cache: CacheMode | bool = "prefix",
+        passage_cache_mb: float = 512,
         name: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.max_sentences = max_sentences
         self.max_prompt_tokens = max_prompt_tokens
+        if passage_cache_mb < 0:
+            raise ValueError("passage_cache_mb must be >= 0")
+        cache_mode = {True: "prefix", False: "off"}.get(passage_cache, passage_cache)  # type: ignore[call-overload]
+        if cache_mode not in ("prefix", "blocks", "off"):
+            raise ValueError(f"passage_cache must be 'prefix', 'blocks' or 'off', not {passage_cache!r}")
+        self.cache_mode: CacheMode = cache_mode
         self._lock = threading.Lock()
         if quantize not in ("auto", "none", "int8", "int4"):
             raise ValueError(f"quantize must be 'auto', 'none', 'int8' or 'int4', not {quantize!r}")
@@ -259,9 +313,15 @@ class HFGenerator:
             raise GenerationError(f"The answer model needs torch: {exc}") from exc
         self.threads = max(1, int(threads)) if threads is not None else default_threads()
         if dtype == "auto":
-            dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
-        if dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', not {dtype!r}")
+            dtype = (
+                "bfloat16"
+                if cpu_has_fast_bf16()
+                else "float16"
+                if engine != "hf" and fp16_weights_available()
+                else "float32"
+            )
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', not {dtype!r}")
         if quantize == "auto":
             quantize = _manifest_quantize(self.model_dir) or (
                 "int4" if dtype == "bfloat16" and engine != "hf" else "none"
@@ -279,7 +339,12 @@ class HFGenerator:
         try:
             if use_fast:
                 self._engine: _LlamaEngine | _HFEngine = _LlamaEngine(
-                    model, dtype=dtype, quantize=quantize, threads=self.threads
+                    model,
+                    dtype=dtype,
+                    quantize=quantize,
+                    threads=self.threads,
+                    cache_bytes=int(passage_cache_mb * 2**20) if cache_mode != "off" else None,
+                    cache_mode=cache_mode,
                 )
             else:
                 self._engine = _HFEngine(
@@ -353,47 +418,81 @@ class HFGenerator:
         return frozenset(ids)
 
     # --- generation ----------------------------------------------------------------------------
+    @property
+    def passage_cache(self) -> _PassageCache | None:
+        """The cache of passage key/value blocks (None: prompts are prefilled in full)."""
+        return getattr(self._engine, "cache", None)
+
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids of the chat prompt for one request (the same prompt fine-tuning uses)."""
+        return self._encode(request)[0]
+
+    def _encode(self, request: GenerationRequest) -> tuple[list[int], _Blocks | None]:
+        """The prompt's token ids, and where its passage bodies sit (None: prefill it in full)."""
         messages = build_messages(request.question, request.passages)
         text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        want_blocks = self.passage_cache is not None and bool(request.passages)
+        enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=want_blocks)
+        ids = list(enc["input_ids"])
         if len(ids) > self.max_prompt_tokens:
             head = 64  # the system rule
-            ids = ids[:head] + ids[-(self.max_prompt_tokens - head) :]
-        return ids
+            return ids[:head] + ids[-(self.max_prompt_tokens - head) :], None
+        if not want_blocks:
+            return ids, None
+        return ids, _find_blocks(text, enc["offset_mapping"], request)
+
+    def _encode_all(self, requests: Sequence[GenerationRequest]) -> tuple[list[list[int]], list[Any]]:
+        encoded = [self._encode(r) for r in requests]
+        return [ids for ids, _ in encoded], [blocks for _, blocks in encoded]
+
+    def warm(self, passages: Sequence[Any]) -> int:
+        """Compute and cache the key/value blocks of ``passages`` (``knowledge.generation.Passage``)
+        ahead of questions, e.g. every chunk of a small course. Returns how many blocks were
+        computed (0 without a cache). Stops once the cache is full (more would evict earlier ones).
+        Safe to run in a background thread while questions are answered (the cache has its own
+        lock; a block both need is computed once)."""
+        cache = self.passage_cache
+        if cache is None or not passages or not isinstance(self._engine, _LlamaEngine):
+            return 0
+        before = cache.stats.misses
+        for p in passages:
+            ids, blocks = self._encode(GenerationRequest("?", (p,), 1))
+            if blocks is not None:
+                self._engine.warm(ids, blocks)
+            if cache.full:
+                break
+        return cache.stats.misses - before
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
         """Greedy answers, same order as ``requests``. Raises GenerationError on failure."""
         if not requests:
             return []
         try:
-            prompts = [self.prompt_ids(r) for r in requests]
+            prompts, blocks = self._encode_all(requests)
             limits = [max(0, int(r.max_new_tokens)) for r in requests]
             stops = [_Stop(self.max_sentences) for _ in requests]
             with self._lock:
-                outputs = self._decode(prompts, limits, self._stop_ids, self._make_checker(stops))
+                outputs = self._decode(prompts, limits, self._stop_ids, self._make_checker(stops), blocks)
         except GenerationError:
             raise
         except Exception as exc:
             logger.exception("answer generation failed")
             raise GenerationError(f"The answer model failed: {type(exc).__name__}: {exc}") from exc
-        answers = []
-        for ids, limit in zip(outputs, limits, strict=True):
-            stopped_by_token = bool(ids) and ids[-1] in self._stop_ids
-            text = self._tokenizer.decode(
-                [i for i in ids if i not in self._stop_ids], skip_special_tokens=True
-            )
-            truncated = not stopped_by_token and len(ids) >= limit
-            answers.append(clean_answer(text, self.max_sentences, truncated))
-        return answers
+        return [self.answer_text(ids, limit) for ids, limit in zip(outputs, limits, strict=True)]
+
+    def answer_text(self, ids: Sequence[int], limit: int) -> str:
+        """The answer shown for generated token ids (``limit``: the request's max_new_tokens)."""
+        stopped_by_token = bool(ids) and ids[-1] in self._stop_ids
+        text = self._tokenizer.decode([i for i in ids if i not in self._stop_ids], skip_special_tokens=True)
+        truncated = not stopped_by_token and len(ids) >= limit
+        return clean_answer(text, self.max_sentences, truncated)
 
     def generate_tokens(
         self, requests: Sequence[GenerationRequest], *, ignore_stops: bool = False
     ) -> list[list[int]]:
         """Raw generated token ids (no clean-up). ``ignore_stops``: always produce ``max_new_tokens``
         tokens (for measuring speed)."""
-        prompts = [self.prompt_ids(r) for r in requests]
+        prompts, blocks = self._encode_all(requests)
         limits = [max(0, int(r.max_new_tokens)) for r in requests]
         if ignore_stops:
             stop_ids: frozenset[int] = frozenset()
@@ -407,14 +506,22 @@ class HFGenerator:
                 self._make_checker([_Stop(self.max_sentences) for _ in requests]),
             )
         with self._lock:
-            return self._decode(prompts, limits, stop_ids, check)
+            return self._decode(prompts, limits, stop_ids, check, blocks)
 
     def _decode(
-        self, prompts: list[list[int]], limits: list[int], stop_ids: frozenset[int], check
+        self,
+        prompts: list[list[int]],
+        limits: list[int],
+        stop_ids: frozenset[int],
+        check,
+        blocks: list[Any] | None = None,
     ) -> list[list[int]]:
         """The engine call (lock held); notes its timing in ``last_timing``."""
         self.last_timing = None
-        out = self._engine.decode(prompts, limits, stop_ids, check)
+        if isinstance(self._engine, _LlamaEngine):
+            out = self._engine.decode(prompts, limits, stop_ids, check, blocks)
+        else:
+            out = self._engine.decode(prompts, limits, stop_ids, check)
         self.last_timing = getattr(self._engine, "last_timing", None)
         return out
 
@@ -425,6 +532,139 @@ class HFGenerator:
             return stops[row].check(decode(ids, skip_special_tokens=False))
 
         return check
+
+
+# --- passage blocks -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Where a prompt's passage bodies sit, in tokens.
+
+    ``prefix``: tokens before the first body (the system rule, "Course passages:", "[1]"), shared
+    by every prompt. ``bodies``: the (start, end) token span of each passage body (" Title > Section
+    \ntext" and the blank line after it). Everything else (the labels "[2]", "[3]", the question and
+    the assistant header) is computed for each prompt."""
+
+    prefix: int
+    bodies: tuple[tuple[int, int], ...]
+
+
+def _find_blocks(text: str, offsets: Sequence[tuple[int, int]], request: GenerationRequest) -> _Blocks | None:
+    """Token spans of the passage bodies in a tokenized prompt; None when a body does not begin and
+    end on token boundaries (then the prompt is prefilled in full, unchanged)."""
+    token_at: dict[int, int] = {}
+    for i, (a, b) in enumerate(offsets):
+        if b > a and (i == 0 or offsets[i - 1][1] <= a):
+            token_at.setdefault(a, i)
+    spans = []
+    cursor = 0
+    for i, passage in enumerate(request.passages, 1):
+        label, body = passage_label(i), passage_body(passage) + PASSAGE_SEPARATOR
+        at = text.find(label + body, cursor)
+        if at < 0:
+            return None
+        start, end = at + len(label), at + len(label) + len(body)
+        if start not in token_at or end not in token_at:
+            return None
+        spans.append((token_at[start], token_at[end]))
+        cursor = end
+    if not spans or spans[0][0] == 0:
+        return None
+    return _Blocks(prefix=spans[0][0], bodies=tuple(spans))
+
+
+@dataclass
+class PassageCacheStats:
+    hits: int = 0
+    misses: int = 0  # blocks computed
+    evictions: int = 0
+
+
+class _PassageCache:
+    """Key/value blocks of prompt pieces that recur: the shared prompt prefix and passage bodies.
+
+    A passage comes from a fixed course, so the keys and values its tokens produce in every layer
+    can be computed once, after the prefix (system rule, "Course passages:", "[1]"), at the position
+    right after it, and reused wherever the passage appears. Keys are stored BEFORE the rotary
+    position embedding: placing a block at its real position is one complex multiplication by that
+    position's rotations, the same operation a full prefill does there; a block is position-free.
+
+    Key: (context tokens, block tokens): the exact token ids, so a changed system rule or passage
+    text is a different entry; the cache belongs to one loaded model (its engine), so model identity
+    is implied. Least recently used entries are evicted beyond ``max_bytes``. Thread-safe: when two
+    prompts need the same missing block at once, one computes it and the other waits for it. A block
+    is computed the same way (one thread, the same operators) whoever asks, so a question gets the
+    same answer with a cold or a warm cache, alone or in a batch.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        from collections import OrderedDict
+
+        self.max_bytes = max(0, int(max_bytes))
+        self.stats = PassageCacheStats()
+        self.bytes = 0
+        self._entries: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+        self._pending: dict[tuple, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes * 0.95
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+    def get(self, key: tuple, compute: Any) -> tuple[Any, Any]:
+        """The (keys, values) stored under ``key``, computed by ``compute()`` when missing."""
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self.stats.hits += 1
+                    return entry
+                waiting = self._pending.get(key)
+                if waiting is None:
+                    self._pending[key] = threading.Event()
+                    self.stats.misses += 1
+            if waiting is None:
+                break
+            waiting.wait()  # another thread is computing it; then look again
+        try:
+            entry = compute()
+            self._store(key, entry)
+            return entry
+        finally:
+            with self._lock:
+                self._pending.pop(key).set()
+
+    def _store(self, key: tuple, entry: tuple[Any, Any]) -> None:
+        size = sum(t.numel() * t.element_size() for t in entry)
+        with self._lock:
+            if size > self.max_bytes:
+                return
+            while self._entries and self.bytes + size > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= sum(t.numel() * t.element_size() for t in old)
+                self.stats.evictions += 1
+            self._entries[key] = entry
+            self.bytes += size
+
+    def describe(self) -> dict[str, float]:
+        return {
+            "entries": len(self._entries),
+            "mb": round(self.bytes / 2**20, 1),
+            "max_mb": round(self.max_bytes / 2**20, 1),
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "evictions": self.stats.evictions,
+        }
 
 
 # --- engines ---------------------------------------------------------------------------------------
@@ -447,12 +687,23 @@ class _LlamaEngine:
             and rope_type in (None, "default")
         )
 
-    def __init__(self, model: Any, *, dtype: str, quantize: str, threads: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        dtype: str,
+        quantize: str,
+        threads: int,
+        cache_bytes: int | None = None,
+        cache_mode: str = "prefix",
+    ) -> None:
         import torch
         import torch.nn.functional as F
 
         self.torch, self.F = torch, F
         self.threads = _Threads(threads)
+        self.cache = _PassageCache(cache_bytes) if cache_bytes is not None else None
+        self.cache_mode = cache_mode
         c = model.config
         self.H = c.num_attention_heads
         self.KV = c.num_key_value_heads
@@ -460,7 +711,9 @@ class _LlamaEngine:
         self.I = c.intermediate_size
         self.hidden = c.hidden_size
         self.eps = float(c.rms_norm_eps)
-        self.cdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        self.cdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # activations, KV cache
+        if dtype == "float16" and quantize == "none":
+            quantize = "fp16"  # every product (prefill and decoding) with fbgemm's fp16 weights
         self.max_positions = int(c.max_position_embeddings)
         rope = getattr(c, "rope_parameters", None) or {}
         theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
@@ -502,7 +755,12 @@ class _LlamaEngine:
             self.embed = model.model.embed_tokens.weight.detach().float().clone()
             # The output layer ranks every token: 4 bits blur the ranking (top-1 agreement with fp32
             # fell from 96% to 84%), and the int8 kernel is slower here than packed bf16.
-            self.head = _Linear(model.lm_head.weight, self.cdt, "none")
+            self.head = _Linear(model.lm_head.weight, self.cdt, "fp16" if dtype == "float16" else "none")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one prompt token takes in the cache (all layers)."""
+        return len(self.layers) * 2 * self.KV * self.D * self.torch.finfo(self.cdt).bits // 8
 
     def _rms(self, x: Any, w: Any) -> Any:
         return self.F.rms_norm(x, (self.hidden,), w, self.eps).to(self.cdt)
@@ -532,6 +790,173 @@ class _LlamaEngine:
             x = x + layer.o(att[0].transpose(0, 1).reshape(T, H * D), prefill=True)
             x = x + layer.down(layer.mlp(self._rms(x, layer.norm2), prefill=True), prefill=True)
         return int(self.head(self._rms(x[-1:], self.norm), prefill=False).float().argmax(-1))
+
+    # --- prefill from cached passage blocks ----------------------------------------------------
+    def _forward(
+        self,
+        ids: Sequence[int],
+        positions: list[int],
+        cache_k: list[Any],
+        cache_v: list[Any],
+        row: int,
+        *,
+        keep: tuple[list[Any], list[Any]] | None = None,
+        logits: bool = True,
+        first: int = 0,
+    ) -> int | None:
+        """Run the tokens ``ids`` at ``positions`` (ascending) over cache row ``row``.
+
+        Positions from ``first`` up to ``positions[-1]`` that are not among ``positions`` must
+        already hold keys and values (the prefix and placed passage blocks); each new token attends
+        to every position from ``first`` up to its own. ``keep`` collects each layer's keys before
+        RoPE and values ([KV, n, D]). Returns the next token after the last one (when ``logits``)."""
+        torch, F = self.torch, self.F
+        n, T = len(ids), positions[-1] + 1
+        H, KV, D = self.H, self.KV, self.D
+        start = positions[0]
+        contiguous = T - start == n
+        pos = torch.tensor(positions)
+        rot = self.rotations[pos]
+        # attention over [first, T): causal among the new tokens, everything before them visible
+        mask = None if start == first and contiguous else (torch.arange(first, T)[None, :] <= pos[:, None])
+        x = self.embed[torch.tensor(list(ids))]
+        for li, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(self._rms(x, layer.norm1), prefill=True).split([H * D, KV * D, KV * D], -1)
+            q = self._rope(q.view(n, H, D).transpose(0, 1), rot)
+            k = k.view(n, KV, D).transpose(0, 1)
+            v = v.view(n, KV, D).transpose(0, 1)
+            if keep is not None:
+                keep[0].append(k.contiguous())
+                keep[1].append(v.contiguous())
+            ck, cv = cache_k[li], cache_v[li]
+            if contiguous:
+                ck[row, :, start:T] = self._rope(k, rot)
+                cv[row, :, start:T] = v
+            else:
+                ck[row].index_copy_(1, pos, self._rope(k, rot))
+                cv[row].index_copy_(1, pos, v.contiguous())
+            att = F.scaled_dot_product_attention(
+                q.unsqueeze(0),
+                ck[row : row + 1, :, first:T],
+                cv[row : row + 1, :, first:T],
+                attn_mask=None if mask is None else mask[None, None],
+                is_causal=mask is None,
+                enable_gqa=True,
+            )
+            x = x + layer.o(att[0].transpose(0, 1).reshape(n, H * D), prefill=True)
+            x = x + layer.down(layer.mlp(self._rms(x, layer.norm2), prefill=True), prefill=True)
+        if not logits:
+            return None
+        return int(self.head(self._rms(x[-1:], self.norm), prefill=False).float().argmax(-1))
+
+    def _block(self, context: tuple[int, ...], tokens: tuple[int, ...]) -> tuple[Any, Any]:
+        """Cached keys (before RoPE) and values [layers, KV, n, D] of ``tokens`` placed right after
+        ``context`` (itself a cached block computed from the start)."""
+        assert self.cache is not None
+
+        def compute() -> tuple[Any, Any]:
+            torch = self.torch
+            P, n = len(context), len(tokens)
+            shape = (1, self.KV, P + n, self.D)
+            ck = [torch.empty(shape, dtype=self.cdt) for _ in self.layers]
+            cv = [torch.empty(shape, dtype=self.cdt) for _ in self.layers]
+            if P:
+                self._place(self._block((), context), 0, ck, cv, 0)
+            keep: tuple[list[Any], list[Any]] = ([], [])
+            self.threads.set(1)  # the same operators whoever computes it: answers do not depend on it
+            self._forward(tokens, list(range(P, P + n)), ck, cv, 0, keep=keep, logits=False)
+            return torch.stack(keep[0]), torch.stack(keep[1])
+
+        return self.cache.get((context, tokens), compute)
+
+    def _place(
+        self, block: tuple[Any, Any], start: int, cache_k: list[Any], cache_v: list[Any], row: int
+    ) -> None:
+        """Write a cached block into a cache row at ``start``: its keys rotated to their real positions."""
+        k, v = block
+        n = k.shape[2]
+        k = self._rope(k, self.rotations[start : start + n])  # [layers, KV, n, D]
+        for li in range(len(self.layers)):
+            cache_k[li][row, :, start : start + n] = k[li]
+            cache_v[li][row, :, start : start + n] = v[li]
+
+    def _prefill_blocks(
+        self, ids: list[int], blocks: _Blocks, cache_k: list[Any], cache_v: list[Any], row: int
+    ) -> int:
+        """Prefill one prompt from cached blocks: the shared prefix (exact), each passage body as
+        computed right after the prefix (exact for passage [1]; later passages do not see the ones
+        before them), then the labels and the question, which attend to everything."""
+        prefix = tuple(ids[: blocks.prefix])
+        self._place(self._block((), prefix), 0, cache_k, cache_v, row)
+        live: list[int] = []
+        at = blocks.prefix
+        for start, end in blocks.bodies:
+            live.extend(range(at, start))
+            self._place(self._block(prefix, tuple(ids[start:end])), start, cache_k, cache_v, row)
+            at = end
+        live.extend(range(at, len(ids)))
+        first = self._forward([ids[i] for i in live], live, cache_k, cache_v, row)
+        assert first is not None
+        return first
+
+    def _prefill_prefix(
+        self, ids: list[int], blocks: _Blocks, cache_k: list[Any], cache_v: list[Any], row: int
+    ) -> int:
+        """Prefill one prompt in pieces (the fixed start, then each passage with its label, then the
+        question), each piece attending to everything before it: exact. A piece whose whole prompt
+        prefix an earlier prompt had is taken from the cache; a new one is computed in this row and
+        stored under that prefix."""
+        assert self.cache is not None
+        self.threads.set(1)
+        ends = [blocks.prefix] + [end for _, end in blocks.bodies]
+        start = 0
+        for end in ends:
+            key = ("prefix", start, tuple(ids[:end]))
+
+            computed: list[int] = []
+
+            def compute(
+                start: int = start, end: int = end, computed: list[int] = computed
+            ) -> tuple[Any, Any]:
+                keep: tuple[list[Any], list[Any]] = ([], [])
+                self._forward(
+                    ids[start:end], list(range(start, end)), cache_k, cache_v, row, keep=keep, logits=False
+                )
+                computed.append(start)
+                return self.torch.stack(keep[0]), self.torch.stack(keep[1])
+
+            piece = self.cache.get(key, compute)
+            if not computed:  # from the cache (or another prompt's row): place it here
+                self._place(piece, start, cache_k, cache_v, row)
+            start = end
+        first = self._forward(ids[start:], list(range(start, len(ids))), cache_k, cache_v, row)
+        assert first is not None
+        return first
+
+    def prefill_one(
+        self, ids: list[int], blocks: _Blocks | None, cache_k: list[Any], cache_v: list[Any], row: int
+    ) -> int:
+        """Prefill a prompt into a cache row (reusing cached pieces when possible); the first token."""
+        if blocks is not None and self.cache is not None:
+            if self.cache_mode == "blocks":
+                return self._prefill_blocks(ids, blocks, cache_k, cache_v, row)
+            return self._prefill_prefix(ids, blocks, cache_k, cache_v, row)
+        return self._prefill(ids, cache_k, cache_v, row)
+
+    def warm(self, ids: list[int], blocks: _Blocks) -> None:
+        """Compute (and cache) the fixed start and passage pieces of a prompt, without running it."""
+        with self.torch.inference_mode():
+            if self.cache_mode == "blocks":
+                prefix = tuple(ids[: blocks.prefix])
+                self._block((), prefix)
+                for start, end in blocks.bodies:
+                    self._block(prefix, tuple(ids[start:end]))
+                return
+            cap = blocks.bodies[-1][1]
+            shape = (1, self.KV, cap + 1, self.D)
+            ck = [self.torch.empty(shape, dtype=self.cdt) for _ in self.layers]
+            cv = [self.torch.empty(shape, dtype=self.cdt) for _ in self.layers]
+            self._prefill_prefix(ids[: cap + 1], blocks, ck, cv, 0)  # one token of "question"
 
     def _step(
         self, tokens: Any, slots: list[int], lens: list[int], cache_k: list[Any], cache_v: list[Any]
@@ -578,11 +1003,17 @@ class _LlamaEngine:
         layer.down(layer.mlp(x, prefill=False), prefill=False)
 
     def decode(
-        self, prompts: list[list[int]], limits: list[int], stop_ids: frozenset[int], check
+        self,
+        prompts: list[list[int]],
+        limits: list[int],
+        stop_ids: frozenset[int],
+        check,
+        blocks: Sequence[_Blocks | None] | None = None,
     ) -> list[list[int]]:
         torch = self.torch
         self.last_timing: dict[str, float] | None = None
         n = len(prompts)
+        plans = list(blocks) if blocks is not None else [None] * n
         outputs: list[list[int]] = [[] for _ in range(n)]
         active = [i for i in range(n) if limits[i] > 0]
         if not active:
@@ -601,7 +1032,7 @@ class _LlamaEngine:
 
             def prefill(i: int) -> int:
                 with torch.inference_mode():
-                    return self._prefill(prompts[i], cache_k, cache_v, slot[i])
+                    return self.prefill_one(prompts[i], plans[i], cache_k, cache_v, slot[i])
 
             lens = {}
             for i, first in zip(active, self.threads.prefill_all(prefill, active), strict=True):
@@ -794,7 +1225,8 @@ class _MLP:
 
     With oneDNN (bf16), the silu and the multiplication are fused into the two matrix products
     (no separate passes over the [tokens, intermediate] activations). Quantized models decode
-    with one fused gate+up product in 4/8 bits and prefill with the bf16 pair.
+    with one fused gate+up product in 4/8 bits and prefill with the bf16 pair. fp16 and fp32
+    weights use one fused gate+up product for both.
     """
 
     def __init__(self, gate: Any, up: Any, cdt: Any, quantize: str) -> None:
@@ -804,13 +1236,16 @@ class _MLP:
         self.torch, self.F = torch, F
         self.inter = gate.shape[0]
         fused = _Linear(torch.cat([gate.detach(), up.detach()], 0), cdt, quantize, keep_dense=True)
-        w = fused.dense_weight()  # the (de-quantized) weights, so prefill and decode agree
-        gate_l, up_l = _Linear(w[: self.inter], cdt, "none"), _Linear(w[self.inter :], cdt, "none")
-        self.pair = (gate_l, up_l) if gate_l.packed is not None and up_l.packed is not None else None
+        self.pair = None
+        if cdt == torch.bfloat16:
+            w = fused.dense_weight()  # the (de-quantized) weights, so prefill and decode agree
+            gate_l, up_l = _Linear(w[: self.inter], cdt, "none"), _Linear(w[self.inter :], cdt, "none")
+            if gate_l.packed is not None and up_l.packed is not None:
+                self.pair = (gate_l, up_l)
         # decoding uses the pair too when nothing is quantized
         self.gate_up = fused if (quantize != "none" or self.pair is None) else None
         fused.release_dense()
-        if self.gate_up is not None and self.gate_up.kind != "dense" and self.pair is not None:
+        if self.gate_up is not None and self.gate_up.kind in ("int4", "int8") and self.pair is not None:
             self.gate_up.release_packed()
 
     def __call__(self, x: Any, *, prefill: bool) -> Any:
@@ -829,15 +1264,25 @@ class _Linear:
     """y = x @ W.T with W stored for fast CPU inference.
 
     ``quantize="none"``: bf16 weights pre-packed for oneDNN (plain ``F.linear`` when that is
-    unavailable, or for fp32). ``"int8"``: symmetric per-output-channel int8 for decoding
-    (``_weight_int8pack_mm``). ``"int4"``: asymmetric 4-bit in groups of 32 along the input
-    (``_weight_int4pack_mm_for_cpu``): the packaged model was shipped as Q4_1, the same
-    4-bit/group-32 scheme, so its weights are represented almost exactly. Quantized layers
-    prefill with a bf16 copy of the same de-quantized weights (large products need AMX).
-    Every kernel used here computes each row independently of the others in the batch.
+    unavailable, or for fp32). ``"fp16"``: fp16 weights pre-packed for fbgemm, fp32 activations
+    (``quantized.linear_dynamic_fp16``: despite the name nothing is quantized but the weights'
+    rounding to fp16), used for prefill and decoding alike. ``"int8"``: symmetric per-output-
+    channel int8 for decoding (``_weight_int8pack_mm``). ``"int4"``: asymmetric 4-bit in groups of
+    32 along the input (``_weight_int4pack_mm_for_cpu``): the packaged model was shipped as Q4_1,
+    the same 4-bit/group-32 scheme, so its weights are represented almost exactly. Quantized
+    layers prefill with a dense copy of the same de-quantized weights (large products need AMX).
+
+    Rows and batches: an answer must not depend on the batch it was decoded in, but matrix
+    libraries switch kernels with the number of rows (MKL's fp32 product computes 1-3 rows
+    differently from 4 or more; fbgemm's fp16 product 1 or 2 rows, and row blocks of 1-2 left
+    over, differently from blocks of 3-6), and the bits of a row change with the kernel. Each
+    layer measures at load which row counts give every row the bits it gets among 16 rows
+    (``_safe_rows``), and decoding pads a batch to the next such count.
     """
 
     GROUP = 32
+    PROBE_ROWS = 16
+    _SAFE_SEEN: dict[tuple, tuple[int, ...]] = {}  # (kind, out, in, dtype, packed) -> safe row counts
 
     def __init__(self, weight: Any, cdt: Any, quantize: str, *, keep_dense: bool = False) -> None:
         import torch
@@ -848,8 +1293,17 @@ class _Linear:
         self.kind = "dense"
         w = weight.detach().float()
         n, k = w.shape
-        if quantize == "int4" and (k % (2 * self.GROUP) or n % 8 or cdt != torch.bfloat16):
-            quantize = "int8"  # a shape or dtype the int4 kernel does not take
+        self.n_out, self.n_in = n, k
+        if quantize == "int4" and (k % (2 * self.GROUP) or n % 8):
+            quantize = "int8"  # a shape the int4 kernel does not take
+        self.packed = None
+        self.p16 = None
+        if quantize == "fp16":
+            self.p16 = torch.ops.quantized.linear_prepack_fp16(w.contiguous(), None)
+            self.kind = "fp16"
+            self.w: Any = w.half().float().contiguous() if keep_dense else None
+            self.safe = self._safe_rows()
+            return
         if quantize == "int4":
             groups = w.view(n, k // self.GROUP, self.GROUP)
             lo, hi = groups.amin(-1), groups.amax(-1)
@@ -867,8 +1321,7 @@ class _Linear:
             self.scale = scale.to(torch.bfloat16)
             w = self.q.float() * scale[:, None]
             self.kind = "int8"
-        self.w: Any = w.to(cdt).contiguous()
-        self.packed = None
+        self.w = w.to(cdt).contiguous()
         if cdt == torch.bfloat16 and torch.backends.mkldnn.is_available():
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(self.w, 8)
@@ -879,39 +1332,87 @@ class _Linear:
                 self.packed = None
         if self.packed is not None and not keep_dense:
             self.w = None  # the packed copy serves every call
+        self.safe = self._safe_rows()
 
     def dense_weight(self) -> Any:
         return self.w
 
     def release_dense(self) -> None:
-        if self.packed is not None:
+        if self.packed is not None or self.kind == "fp16":
             self.w = None
 
     def release_packed(self) -> None:
         """Quantized decode only: another object does the prefill products."""
-        if self.kind != "dense":
+        if self.kind in ("int4", "int8"):
             self.packed = None
             self.w = None
 
+    # --- batches that do not change a row's bits -----------------------------------------------
+    def _safe_rows(self) -> tuple[int, ...]:
+        """Row counts (1..PROBE_ROWS) at which the decoding product gives each row exactly the bits
+        it gets in a product of PROBE_ROWS rows, wherever the row sits. Measured once per shape."""
+        key = (self.kind, self.n_out, self.n_in, str(self.dtype), self.packed is not None)
+        if key not in _Linear._SAFE_SEEN:
+            torch = self.torch
+            gen = torch.Generator().manual_seed(0)
+            xs = torch.randn(self.PROBE_ROWS, self.n_in, generator=gen).to(self.dtype)
+            with torch.inference_mode():
+                ref = self._decode_mm(xs)
+                safe = []
+                for m in range(1, self.PROBE_ROWS + 1):
+                    ok = True
+                    for offset in (0, m // 2 + 1, self.PROBE_ROWS - 1):
+                        rows = [(offset + j) % self.PROBE_ROWS for j in range(m)]
+                        out = self._decode_mm(xs[rows])
+                        ok = ok and all(torch.equal(out[j], ref[r]) for j, r in enumerate(rows))
+                    if ok:
+                        safe.append(m)
+            _Linear._SAFE_SEEN[key] = tuple(safe) or tuple(range(1, self.PROBE_ROWS + 1))
+        return _Linear._SAFE_SEEN[key]
+
+    def _decode_rows(self, x: Any) -> Any:
+        """The decoding product with the batch padded (or split) to row counts that keep bits."""
+        rows = x.shape[0]
+        if rows in self.safe:
+            return self._decode_mm(x)
+        if rows < self.safe[-1]:
+            pad = next(m for m in self.safe if m > rows)
+            return self._decode_mm(self.torch.cat([x, x.new_zeros(pad - rows, x.shape[1])]))[:rows]
+        step = self.safe[-1]  # a large batch: in pieces of the largest safe size
+        return self.torch.cat([self._decode_rows(x[i : i + step]) for i in range(0, rows, step)])
+
+    # --- products ------------------------------------------------------------------------------
     def _packed_mm(self, x: Any, packed: Any) -> Any:
         return self.torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
-    def __call__(self, x: Any, *, prefill: bool) -> Any:
-        if not prefill and self.kind != "dense":
-            if x.dtype != self.torch.bfloat16:
-                x = x.to(self.torch.bfloat16)
+    def _decode_mm(self, x: Any) -> Any:
+        torch = self.torch
+        if self.kind in ("int4", "int8"):
+            if x.dtype != torch.bfloat16:
+                x = x.to(torch.bfloat16)
             if self.kind == "int4":
-                return self.torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    x, self.q, self.GROUP, self.group_params
-                )
-            return self.torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q, self.GROUP, self.group_params)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+            return y if y.dtype == self.dtype else y.to(self.dtype)
+        return self._dense(x)
+
+    def _dense(self, x: Any) -> Any:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
+        if self.kind == "fp16":
+            return self.torch.ops.quantized.linear_dynamic_fp16(x, self.p16)
         if self.packed is not None:
             return self._packed_mm(x, self.packed)
         if self.w is None:
             raise RuntimeError("this layer keeps decode weights only")
         return self.F.linear(x, self.w)
+
+    def __call__(self, x: Any, *, prefill: bool) -> Any:
+        """``prefill``: one prompt's tokens (its own call: no padding needed); else decoding rows."""
+        if prefill:
+            return self._dense(x)
+        return self._decode_rows(x)
 
 
 class _HFEngine:

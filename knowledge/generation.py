@@ -38,14 +38,31 @@ class GenerationRequest:
     max_new_tokens: int = 96
 
 
+def passage_label(i: int) -> str:
+    """The number a passage carries in the prompt ("[1]"); answers may cite it."""
+    return f"[{i}]"
+
+
+def passage_body(p: Passage) -> str:
+    """A passage as the prompt shows it after its label: " Title > Section\ntext" (long text cut).
+
+    The same passage gives the same body whatever its rank, so the answer model can reuse the work
+    it did on it (``finetune.generator``'s passage cache)."""
+    where = f"{p.title} > {p.section}" if p.section else p.title
+    text = (
+        p.text if len(p.text) <= MAX_PASSAGE_CHARS else p.text[:MAX_PASSAGE_CHARS].rsplit(" ", 1)[0] + " ..."
+    )
+    return f" {where}\n{text}"
+
+
+PASSAGES_HEADER = "Course passages:\n\n"
+PASSAGE_SEPARATOR = "\n\n"
+
+
 def build_messages(question: str, passages: Sequence[Passage]) -> list[dict[str, str]]:
     """Chat messages for one question: the system rule, then numbered passages and the question."""
-    blocks = []
-    for i, p in enumerate(passages, 1):
-        where = f"{p.title} > {p.section}" if p.section else p.title
-        text = p.text if len(p.text) <= MAX_PASSAGE_CHARS else p.text[:MAX_PASSAGE_CHARS].rsplit(" ", 1)[0] + " ..."
-        blocks.append(f"[{i}] {where}\n{text}")
-    user = "Course passages:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}"
+    blocks = [passage_label(i) + passage_body(p) for i, p in enumerate(passages, 1)]
+    user = PASSAGES_HEADER + PASSAGE_SEPARATOR.join(blocks) + f"{PASSAGE_SEPARATOR}Question: {question}"
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 

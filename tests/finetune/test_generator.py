@@ -237,7 +237,7 @@ def test_fast_engine_computes_what_transformers_computes(base_model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    fast = HFGenerator(base_model_dir, dtype="float32", quantize="none")
+    fast = HFGenerator(base_model_dir, dtype="float32", quantize="none", passage_cache=False)
     request = GenerationRequest("Why is LoRA cheap?", (LORA, FINE_TUNING), 16)
     ours = fast.generate_tokens([request], ignore_stops=True)[0]
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32).eval()
@@ -245,6 +245,42 @@ def test_fast_engine_computes_what_transformers_computes(base_model_dir: Path):
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert ours == out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("kind", ["none", "fp16", "int8", "int4"])
+def test_a_decoded_row_gets_the_same_bits_in_any_batch(kind):
+    """Matrix libraries compute 1-3 rows with other kernels than larger batches; decoding pads the
+    batch so that a row's result (and so an answer) never depends on the rows beside it."""
+    import torch
+
+    from finetune.generator import _Linear, fp16_weights_available
+
+    if kind == "fp16" and not fp16_weights_available():
+        pytest.skip("no fbgemm in this torch build")
+    gen = torch.Generator().manual_seed(1)
+    layer = _Linear(torch.randn(192, 128, generator=gen) * 0.05, torch.float32, kind)
+    xs = torch.randn(12, 128, generator=gen)
+    with torch.inference_mode():
+        alone = [layer(xs[i : i + 1], prefill=False)[0] for i in range(12)]
+        for batch in range(2, 13):
+            out = layer(xs[:batch], prefill=False)
+            assert all(torch.equal(out[i], alone[i]) for i in range(batch)), batch
+        assert torch.allclose(layer(xs, prefill=True), torch.stack(alone), atol=2e-2)
+
+
+@pytest.mark.slow
+def test_fp16_weights_agree_with_fp32(base_model_dir):
+    from finetune.generator import fp16_weights_available
+
+    if not fp16_weights_available():
+        pytest.skip("no fbgemm in this torch build")
+    request = GenerationRequest("Why is LoRA cheap?", (LORA, FINE_TUNING), 12)
+    fp32 = HFGenerator(base_model_dir, dtype="float32", passage_cache=False)
+    fp16 = HFGenerator(base_model_dir, dtype="float16", passage_cache=False)
+    assert fp16.dtype == "float16" and fp16._engine.layers[0].qkv.kind == "fp16"
+    assert fp16.generate_tokens([request], ignore_stops=True) == fp32.generate_tokens(
+        [request], ignore_stops=True
+    )
 
 
 # --- the thread chooser (no model: synthetic step times, a sleeping probe) -----------------------
