@@ -66,12 +66,6 @@ log = logging.getLogger(__name__)
 MIN_COSINE = 0.36
 MIN_COSINE_WITH_KEYWORDS = 0.20
 MIN_BM25_FOR_KEYWORDS = 3.0
-# FAQ records are questions themselves, so any question sits closer to them: with the sample course's
-# 126-record FAQ, off-topic messages reached a cosine of 0.44 with a record ("how do convolutional
-# layers work?" -> a record on the movie-review model's layers) while every in-course question still
-# had a relevant passage with FAQ records held to 0.45-0.55; the middle of that band is used, and the
-# keyword route needs the lesson threshold's cosine.
-FAQ_COSINE_MARGIN = 0.14  # MIN_COSINE + this = 0.50 for FAQ records
 SHORT_QUESTION_TERMS = 3  # a question of at most this many content words, all of them course terms
 MIN_COSINE_COURSE_TERMS = 0.15  # ... needs only this cosine ("what are adapters?" reaches 0.196)
 GEN_PASSAGES = 3
@@ -243,17 +237,11 @@ class Tutor:
         course_terms = 0 < len(toks) <= SHORT_QUESTION_TERMS and toks <= self._vocabulary(retriever)
         out = []
         for h in hits:
-            if h.chunk.kind == "faq":
-                relevant = h.dense_score >= self.min_cosine + FAQ_COSINE_MARGIN or (
-                    h.dense_score >= self.min_cosine and h.bm25_score >= MIN_BM25_FOR_KEYWORDS
-                )
-            else:
-                relevant = (
-                    h.dense_score >= self.min_cosine
-                    or (h.dense_score >= MIN_COSINE_WITH_KEYWORDS and h.bm25_score >= MIN_BM25_FOR_KEYWORDS)
-                    or (course_terms and h.dense_score >= MIN_COSINE_COURSE_TERMS)
-                )
-            if relevant:
+            if (
+                h.dense_score >= self.min_cosine
+                or (h.dense_score >= MIN_COSINE_WITH_KEYWORDS and h.bm25_score >= MIN_BM25_FOR_KEYWORDS)
+                or (course_terms and h.dense_score >= MIN_COSINE_COURSE_TERMS)
+            ):
                 out.append(h)
         return out
 

@@ -59,9 +59,8 @@ def sample_ds(sample_course, tmp_path_factory):
 
 def test_examples_cover_quizzes_and_flashcards(sample_course, sample_ds):
     all_ex = sample_ds.train + sample_ds.val + sample_ds.test
-    kinds = {k: sum(e.kind == k for e in all_ex) for k in ("quiz", "flashcard", "faq")}
-    assert kinds == {"quiz": len(sample_course.quizzes), "flashcard": len(sample_course.flashcards),
-                     "faq": len(sample_course.faq)}
+    kinds = {k: sum(e.kind == k for e in all_ex) for k in ("quiz", "flashcard")}
+    assert kinds == {"quiz": len(sample_course.quizzes), "flashcard": len(sample_course.flashcards)}
     q = sample_course.quizzes[0]
     ex = next(e for e in all_ex if e.id == f"quiz:{q.id}")
     assert ex.answer.lower().startswith(q.answer.lower()) and q.explanation.split()[0] in ex.answer
@@ -77,7 +76,7 @@ def test_split_is_by_source_seeded_and_stratified(sample_ds, sample_course):
     assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"])
     assert not (groups["val"] & groups["test"])
     for name in ("val", "test"):
-        assert {e.kind for e in sample_ds.split(name)} == {"quiz", "flashcard", "faq"}
+        assert {e.kind for e in sample_ds.split(name)} == {"quiz", "flashcard"}
     again = build_dataset(sample_course, FakeRetriever(sample_course), seed=7)
     assert again.sha256 == sample_ds.sha256  # same seed, same split, same hash
     other = build_dataset(sample_course, FakeRetriever(sample_course), seed=8)
@@ -126,12 +125,11 @@ def test_tiny_and_empty_datasets_are_refused_with_advice(tiny_course):
     assert ds.manifest["counts"]["train"]["feedback"] > 0
 
 
-def test_manifest_and_roundtrip(sample_ds, sample_course):
+def test_manifest_and_roundtrip(sample_ds):
     m = json.loads((sample_ds.path / "manifest.json").read_text())
     assert m["course_id"] == "pretraining-finetuning" and m["seed"] == 7 and m["created_at"]
     assert m["counts"]["train"]["total"] == len(sample_ds.train)
-    everything = len(sample_course.quizzes) + len(sample_course.flashcards) + len(sample_course.faq)
-    assert sum(m["counts"][s]["total"] for s in ("train", "val", "test")) == everything == 190
+    assert sum(m["counts"][s]["total"] for s in ("train", "val", "test")) == 64
     assert len(m["sha256"]) == 64
     loaded = Dataset.load(sample_ds.path)
     assert loaded.train == sample_ds.train and loaded.sha256 == sample_ds.sha256

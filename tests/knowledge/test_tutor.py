@@ -9,7 +9,6 @@ whatever model is plugged in, and which a real model could not exercise on deman
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -29,15 +28,8 @@ PINGS = ("@everyone", "@here", "<@")
 
 
 @pytest.fixture(scope="module")
-def full_course():
+def course():
     return load_course(SAMPLE_COURSE)
-
-
-@pytest.fixture(scope="module")
-def course(full_course):
-    """The sample course's lessons only: these tests pin the extractor's behaviour on lesson passages.
-    The course as shipped, with its FAQ, has its own tests below."""
-    return dataclasses.replace(full_course, faq=())
 
 
 @pytest.fixture(scope="module")
@@ -470,52 +462,36 @@ def test_terse_questions_on_covered_topics_are_answered(ask, question):
     assert any("LoRA" in s.section for s in a.sources)
 
 
-# --- the course as shipped, with its FAQ ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def faq_tutor(full_course, tmp_path_factory):
-    emb = shared_minilm()
-    retriever = Retriever(build_index(full_course, tmp_path_factory.mktemp("faq-index"), emb), emb)
-    return Tutor(full_course, retriever, None, mode="extractive")
-
-
-def test_the_sample_course_ships_a_faq(full_course):
-    assert len(full_course.faq) >= 100
-    assert all(r.question.strip() and r.answer.strip() and r.section for r in full_course.faq)
-
-
-def test_a_faq_answer_is_cited_as_faq_and_given_whole(faq_tutor, full_course):
-    a = faq_tutor.answer("How many units does the hidden Dense layer have in the movie review model?")
-    assert a.answered and a.sources[0].title == "FAQ" and a.sources[0].label.startswith("FAQ > ")
-    record = next(r for r in full_course.faq if r.id == a.sources[0].source)
-    assert " ".join(record.answer.split()) in a.text
-    assert "64" in a.text
-
-
-def test_answers_stay_within_four_sentences(faq_tutor):
+def test_answers_stay_within_four_sentences(ask):
     for q in ("explain the whole movie review experiment", "what is fine-tuning and why does it matter?",
-              "tell me everything about the pitfalls of fine-tuning"):
-        a = faq_tutor.answer(q)
+              "tell me everything about the pitfalls of fine-tuning", "what happened to the accuracy after the changes?"):
+        a = ask(q)
         assert a.answered and 1 <= len(list(sentences(a.text))) <= 4, a.text
+        assert "|" not in a.text and "```" not in a.text and "model.compile(" not in a.text  # no table markup, no code
 
 
-@pytest.mark.parametrize(
-    "message",
-    ["how do convolutional layers work in a CNN?", "do you think AI will take over the world? be honest",
-     "what's your favourite movie?"],
-)
-def test_faq_records_do_not_pull_in_off_topic_questions(faq_tutor, message):
-    # questions sit close to FAQ questions: records are held to a higher cosine than lesson passages
-    a = faq_tutor.answer(message)
-    assert a.answered is False and a.mode == "declined"
-
-
-def test_an_answer_does_not_say_the_same_thing_twice(faq_tutor):
-    # the FAQ record and the lesson's intro both list the three pitfalls: one of them is enough
-    a = faq_tutor.answer("what are the three pitfalls of fine-tuning?")
+def test_an_answer_does_not_say_the_same_thing_twice(ask):
+    a = ask("what are the three pitfalls of fine-tuning?")
     sents = list(sentences(a.text))
     vecs = shared_minilm().encode(sents)
     sims = vecs @ vecs.T
     assert all(sims[i, j] < 0.8 for i in range(len(sents)) for j in range(i + 1, len(sents))), a.text
-    assert "learning rate" in a.text and "validation" in a.text
+
+
+def test_faq_records_are_cited_as_faq(tmp_path):
+    from tests.conftest import write_course
+
+    root = write_course(tmp_path / "faq-course", {
+        "course.yaml": "id: faq-course\ntitle: A FAQ Course\ndescription: only questions\n",
+        "faq/general.jsonl": '{"id": "join-late", "section": "General", "question": "Can I join the course late?", '
+                             '"answer": "Yes, you can join the course at any time and still submit the homework."}\n'
+                             '{"id": "certificate", "section": "General", "question": "Do I get a certificate?", '
+                             '"answer": "Yes, after passing the final project you receive a certificate."}\n',
+    })
+    c = load_course(root)
+    emb = shared_minilm()
+    t = Tutor(c, Retriever(build_index(c, tmp_path / "idx", emb), emb), None, mode="extractive")
+    a = t.answer("can i still join the course late?")
+    assert a.answered and a.sources[0].source == "join-late"
+    assert a.sources[0].label == "FAQ > General"
+    assert a.text == "Yes, you can join the course at any time and still submit the homework."
