@@ -41,6 +41,14 @@ def blocks(base_model_dir):
     return HFGenerator(base_model_dir, passage_cache="blocks")
 
 
+@pytest.fixture(scope="module")
+def blocks32(base_model_dir):
+    """Blocks in fp32, for the tests that compare keys and values number by number: in bf16 two
+    summation orders drift apart by a few units in the last place per layer (seen: 0.09 by layer 17),
+    which says nothing about whether the block arithmetic is right."""
+    return HFGenerator(base_model_dir, passage_cache="blocks", dtype="float32", quantize="none")
+
+
 # --- the cache itself (no model) --------------------------------------------------------------------
 
 
@@ -141,12 +149,12 @@ def test_with_one_passage_block_cache_answers_exactly_as_the_full_prefill(blocks
 
 
 @pytest.mark.slow
-def test_block_cache_keys_and_values_match_the_full_prefill(blocks):
+def test_block_cache_keys_and_values_match_the_full_prefill(blocks32):
     """Passage [1] sits where it was computed: the cache row equals a full prefill's, up to rounding."""
     import torch
 
-    engine = blocks._engine
-    ids, found = blocks._encode(GenerationRequest("Why is LoRA cheap?", (LORA, FINE_TUNING), 4))
+    engine = blocks32._engine
+    ids, found = blocks32._encode(GenerationRequest("Why is LoRA cheap?", (LORA, FINE_TUNING), 4))
     assert found is not None and len(found.bodies) == 2
     cap = len(ids)
     rows = [
@@ -158,20 +166,21 @@ def test_block_cache_keys_and_values_match_the_full_prefill(blocks):
         cached_first = engine._prefill_blocks(ids, found, rows[2], rows[3], 0)
     assert exact_first == cached_first
     end = found.bodies[0][1]
-    tol = 1e-3 if engine.cdt == torch.float32 else 5e-2
+    assert engine.cdt == torch.float32
     for li in range(len(engine.layers)):
         for a, b in ((rows[0][li], rows[2][li]), (rows[1][li], rows[3][li])):
-            assert torch.allclose(a[0, :, :end], b[0, :, :end], atol=tol), li  # prefix and passage [1]
+            diff = (a[0, :, :end] - b[0, :, :end]).abs().max()
+            assert diff < 1e-3, (li, diff)  # prefix and passage [1]
 
 
 @pytest.mark.slow
-def test_a_block_rotated_to_another_position_equals_the_block_computed_there(generator):
+def test_a_block_rotated_to_another_position_equals_the_block_computed_there(blocks32):
     """Keys are cached before RoPE: placing a block computed at position p at p' gives the keys a
     computation at p' gives (the block alone, so nothing but its own position differs)."""
     import torch
 
-    engine = generator._engine
-    tokens = generator._tokenizer(" Overview > LoRA\nLoRA trains two small matrices.")["input_ids"]
+    engine = blocks32._engine
+    tokens = blocks32._tokenizer(" Overview > LoRA\nLoRA trains two small matrices.")["input_ids"]
     n, p, p2 = len(tokens), 40, 300
     cap = p2 + n
     with torch.inference_mode():
@@ -188,7 +197,8 @@ def test_a_block_rotated_to_another_position_equals_the_block_computed_there(gen
         placed_v = [torch.zeros(1, engine.KV, cap, engine.D, dtype=engine.cdt) for _ in engine.layers]
         engine._place((pre_k, pre_v), p2, placed_k, placed_v, 0)
     _, _, direct_k, direct_v = computed[p2]
-    tol = 1e-3 if engine.cdt == torch.float32 else 5e-2
+    assert engine.cdt == torch.float32
+    tol = 1e-3
     for li in range(len(engine.layers)):
         assert torch.allclose(placed_k[li][0, :, p2:], direct_k[li][0, :, p2:], atol=tol), li
         assert torch.allclose(placed_v[li][0, :, p2:], direct_v[li][0, :, p2:], atol=tol), li
