@@ -56,6 +56,16 @@ class Settings(BaseSettings):
     generation_timeout_s: float = Field(
         20.0, gt=0, description="Generation slower than this falls back to the extractive answer."
     )
+    passage_cache: Literal["prefix", "blocks", "off"] = Field(
+        "prefix",
+        description="Reuse of the answer model's keys and values across prompts. prefix: exact, reuses "
+        "the part of a prompt an earlier prompt began with (the fixed start, repeated passages); blocks: "
+        "each passage from its own cached block wherever it sits (faster, approximate); off: every "
+        "prompt in full.",
+    )
+    passage_cache_mb: float = Field(
+        512, ge=0, description="Memory bound of that cache in MB (least recently used pieces go first)."
+    )
     max_new_tokens: int = Field(96, ge=8, le=512, description="Longest generated answer, in tokens.")
     max_question_chars: int = Field(
         2000, ge=50, description="Longer questions are truncated (with a notice) before answering."

@@ -74,7 +74,8 @@ def load_generator(settings: Settings, progress=None) -> Generator | None:
         from knowledge.batching import BatchingGenerator
 
         model_dir = current_model_dir(settings, progress)
-        inner = HFGenerator(model_dir)
+        inner = HFGenerator(model_dir, passage_cache=settings.passage_cache,
+                            passage_cache_mb=settings.passage_cache_mb)
         return BatchingGenerator(inner, max_batch=settings.max_concurrent_generations,
                                  timeout_s=settings.generation_timeout_s)
     except Exception as exc:  # one clear line, then extractive answers

@@ -290,3 +290,24 @@ def test_prompts_without_passages_or_cut_to_length_are_prefilled_in_full(generat
         assert generator._encode(GenerationRequest("Why?", (LORA, FINE_TUNING), 4))[1] is None
     finally:
         generator.max_prompt_tokens = limit
+
+
+@pytest.mark.slow
+def test_the_settings_choose_the_cache_the_served_model_uses(base_data_dir):
+    """TUTORBOT_PASSAGE_CACHE and TUTORBOT_PASSAGE_CACHE_MB reach the generator the bot serves."""
+    from bot.config import Settings
+    from bot.runtime import load_generator
+
+    for mode, mb in (("blocks", 64), ("off", 512)):
+        settings = Settings(
+            _env_file=None, data_dir=base_data_dir, answer_mode="generative", passage_cache=mode, passage_cache_mb=mb
+        )
+        served = load_generator(settings)
+        try:
+            assert served is not None and served.inner.cache_mode == mode
+            if mode == "off":
+                assert served.inner.passage_cache is None
+            else:
+                assert served.inner.passage_cache.max_bytes == mb * 2**20
+        finally:
+            served.close()
