@@ -45,11 +45,33 @@ def load_average() -> str:
         return "?"
 
 
+def _cpu_times() -> list[int] | None:
+    """The machine's CPU counters from /proc/stat (user nice system idle iowait irq softirq steal ...)."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_START_TIMES = _cpu_times()  # when the benchmark imported this module
+
+
+def steal_share() -> str:
+    """Share of CPU time the hypervisor took for other machines since the benchmark started (a
+    virtual machine's cores are not always its own: on one run here it was 50%, halving every speed)."""
+    now = _cpu_times()
+    if not now or not _START_TIMES or len(now) < 8:
+        return "?"
+    delta = [a - b for a, b in zip(now, _START_TIMES, strict=False)]
+    total = sum(delta[:8])
+    return f"{100 * delta[7] / total:.0f}%" if total > 0 else "?"
+
+
 def stamp() -> str:
     """When and where, with the 1-minute load average at the end of the run (other work on the same
-    2 cores slows every figure, latencies most)."""
+    2 cores slows every figure, latencies most) and the CPU time stolen by the hypervisor."""
     return (f"_Run {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}; "
-            f"load average {load_average()} when it finished._")
+            f"load average {load_average()} when it finished, CPU steal {steal_share()} during the run._")
 
 
 def write_section(name: str, body: str) -> None:

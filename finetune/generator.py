@@ -25,7 +25,8 @@ models (SmolLM2 is one) we run a lean engine of our own (numbers in ``docs/BENCH
 * q/k/v and gate/up projections fused into one matrix each; RoPE as one complex multiplication;
 * the residual stream, norms, RoPE and softmax in fp32;
 * a static KV cache; each prompt is prefilled on its own (no padding waste), then all questions
-  of a batch decode together, attention per question on its own slice of the cache. Every
+  of a batch decode together, attention per question on its own slice of the cache (two small
+  fp32 products: torch's CPU flash kernel is ~8x slower for a single bf16 query). Every
   operation treats rows independently, so a question gets the same answer alone or in a batch:
   matrix libraries compute small batches with other kernels (other bits), so decoding pads a
   batch to a row count each layer measured at load to be safe (``_Linear``);
@@ -267,8 +268,10 @@ class HFGenerator:
         passage_cache: reuse keys and values computed for earlier prompts (fast engine only; see
             ``_PassageCache``). ``"prefix"`` (default, exact): the prompt's fixed start, and its
             passages when an earlier prompt began with the same passages in the same order (a
-            repeated question, or one whose top passages match); the answer is the one a full
-            prefill gives. ``"blocks"``: every passage from its own cached block, whatever its rank
+            repeated question, or one whose top passages match); the same computation in pieces:
+            in fp32 the answer is the one a full prefill gives, in bf16 the pieces round apart
+            from one long product and a near-tie can go the other way (docs/BENCHMARKS.md: 42 of
+            60 answers identical, 98.5% teacher-forced agreement). ``"blocks"``: every passage from its own cached block, whatever its rank
             and neighbours, so almost every prompt prefills only its question; passage [1] is
             exact, but later passages do not attend to the passages before them, which costs the
             base model answer quality (docs/BENCHMARKS.md: 29 -> 18 of 60 tutor answers with all
@@ -708,6 +711,7 @@ class _LlamaEngine:
         self.H = c.num_attention_heads
         self.KV = c.num_key_value_heads
         self.D = getattr(c, "head_dim", None) or c.hidden_size // self.H
+        self.scale = self.D**-0.5  # attention's 1/sqrt(d), as scaled_dot_product_attention uses
         self.I = c.intermediate_size
         self.hidden = c.hidden_size
         self.eps = float(c.rms_norm_eps)
@@ -962,7 +966,7 @@ class _LlamaEngine:
         self, tokens: Any, slots: list[int], lens: list[int], cache_k: list[Any], cache_v: list[Any]
     ) -> Any:
         """One decoding step for the running rows: tokens[b] sits at position lens[b] of cache slot slots[b]."""
-        torch, F = self.torch, self.F
+        torch = self.torch
         B = tokens.shape[0]
         H, KV, D = self.H, self.KV, self.D
         pos = torch.tensor(lens)
@@ -981,19 +985,25 @@ class _LlamaEngine:
             else:
                 ck[rows, :, pos] = k
                 cv[rows, :, pos] = v
-            outs = [
-                F.scaled_dot_product_attention(
-                    q[b].view(1, H, 1, D),
-                    ck[slots[b] : slots[b] + 1, :, : lens[b] + 1],
-                    cv[slots[b] : slots[b] + 1, :, : lens[b] + 1],
-                    enable_gqa=True,
-                )
-                for b in range(B)
-            ]
-            att = outs[0] if single else torch.cat(outs, 0)
+            outs = [self._attend_one(q[b], ck[slots[b], :, : lens[b] + 1], cv[slots[b], :, : lens[b] + 1])
+                    for b in range(B)]
+            att = outs[0] if single else torch.stack(outs, 0)
             x = x + layer.o(att.reshape(B, H * D), prefill=False)
             x = x + layer.down(layer.mlp(self._rms(x, layer.norm2), prefill=False), prefill=False)
         return self.head(self._rms(x, self.norm), prefill=False).float().argmax(-1)
+
+    def _attend_one(self, q: Any, k: Any, v: Any) -> Any:
+        """Attention of one new token (q: [H, D]) over its row's keys and values ([KV, n, D]), in
+        fp32. torch's CPU flash kernel takes ~0.6 ms for one bf16 query over 600 positions (it is
+        built for blocks of queries) against ~0.08 ms for these two small products: at 30 layers and
+        8 rows that was 85% of a decoding step (profiled). Query head h reads key/value head h // G,
+        as ``enable_gqa`` does."""
+        torch = self.torch
+        KV, D = self.KV, self.D
+        qg = q.reshape(KV, -1, D).float()  # [KV, G, D]
+        scores = torch.matmul(qg, k.float().transpose(1, 2)).mul_(self.scale)  # [KV, G, n]
+        out = torch.matmul(torch.softmax(scores, -1), v.float())  # [KV, G, D]
+        return out.reshape(-1, D).to(self.cdt)  # [H, D]
 
     def _probe(self, batch: int) -> None:
         """The matrix products of one layer for ``batch`` rows: a cheap sample of a decoding step."""
