@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--faq-sample", type=int, default=300)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--show-misses", action="store_true")
+    ap.add_argument("--workers", type=int, default=8, help="questions asked at once (1: one at a time)")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     data = yaml.safe_load(QUESTIONS.read_text(encoding="utf-8"))
@@ -132,7 +133,7 @@ def main() -> None:
         results = {}
         for mode in modes:
             tutor = Tutor(course, retr, gen if mode == "generative" else None, mode=mode)
-            results[mode] = question_set(tutor, data, workers=8)
+            results[mode] = question_set(tutor, data, workers=args.workers)
             if args.show_misses:
                 for m in results[mode]["misses"]:
                     print(mode, *m, sep=" | ")
@@ -147,7 +148,7 @@ def main() -> None:
         "",
         "`.venv/bin/python benchmarks/bench_tutor.py`: the sample course's question set "
         f"({len(data['questions'])} student questions with the facts an answer must contain, "
-        f"{len(data['offtopic'])} off-topic or hostile messages), 8 questions at a time.",
+        f"{len(data['offtopic'])} off-topic or hostile messages), {args.workers} question(s) at a time.",
         "",
         stamp(),
         "",

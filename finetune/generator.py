@@ -270,7 +270,7 @@ class HFGenerator:
             passages when an earlier prompt began with the same passages in the same order (a
             repeated question, or one whose top passages match); the same computation in pieces:
             in fp32 the answer is the one a full prefill gives, in bf16 the pieces round apart
-            from one long product and a near-tie can go the other way (docs/BENCHMARKS.md: 42 of
+            from one long product and a near-tie can go the other way (docs/BENCHMARKS.md: 36 of
             60 answers identical, 98.5% teacher-forced agreement). ``"blocks"``: every passage from its own cached block, whatever its rank
             and neighbours, so almost every prompt prefills only its question; passage [1] is
             exact, but later passages do not attend to the passages before them, which costs the
