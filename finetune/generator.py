@@ -266,7 +266,7 @@ class HFGenerator:
         max_sentences: answers are cut after this many sentences.
         max_prompt_tokens: longer prompts keep their start and end (the question).
         passage_cache: reuse keys and values computed for earlier prompts (fast engine only; see
-            ``_PassageCache``). ``"prefix"`` (default, exact): the prompt's fixed start, and its
+            ``_PassageCache``). ``"prefix"`` (default): the prompt's fixed start, and its
             passages when an earlier prompt began with the same passages in the same order (a
             repeated question, or one whose top passages match); the same computation in pieces:
             in fp32 the answer is the one a full prefill gives, in bf16 the pieces round apart
