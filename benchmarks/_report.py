@@ -58,7 +58,7 @@ _START_TIMES = _cpu_times()  # when the benchmark imported this module
 
 def steal_share() -> str:
     """Share of CPU time the hypervisor took for other machines since the benchmark started (a
-    virtual machine's cores are not always its own: on one run here it was 50%, halving every speed)."""
+    virtual machine's cores are not always its own, and stolen time slows every figure)."""
     now = _cpu_times()
     if not now or not _START_TIMES or len(now) < 8:
         return "?"

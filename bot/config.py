@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     )
     passage_cache: Literal["prefix", "blocks", "off"] = Field(
         "prefix",
-        description="Reuse of the answer model's keys and values across prompts. prefix: exact, reuses "
+        description="Reuse of the answer model's keys and values across prompts. prefix: reuses "
         "the part of a prompt an earlier prompt began with (the fixed start, repeated passages); blocks: "
         "each passage from its own cached block wherever it sits (faster, approximate); off: every "
         "prompt in full.",

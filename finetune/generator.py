@@ -271,8 +271,8 @@ class HFGenerator:
             repeated question, or one whose top passages match); the same computation in pieces:
             in fp32 the answer is the one a full prefill gives, in bf16 the pieces round apart
             from one long product and a near-tie can go the other way (docs/BENCHMARKS.md: 36 of
-            60 answers identical, 98.5% teacher-forced agreement). ``"blocks"``: every passage from its own cached block, whatever its rank
-            and neighbours, so almost every prompt prefills only its question; passage [1] is
+            60 answers identical, 98.5% teacher-forced agreement). ``"blocks"``: every passage from
+            its own cached block, whatever its rank and neighbours, so almost every prompt prefills only its question; passage [1] is
             exact, but later passages do not attend to the passages before them, which costs the
             base model answer quality (docs/BENCHMARKS.md: 29 -> 18 of 60 tutor answers with all
             facts), so it is not the default. ``"off"`` (or False): every prompt prefilled in full.

@@ -28,6 +28,14 @@ PRETRAINING = Passage(
     ),
 )
 
+# three prompts sharing pieces: the second is the first's whole prompt but the question and the last
+# passage, the third shares only the fixed start
+PREFIX_REQUESTS = [
+    GenerationRequest("Why is LoRA cheap?", (LORA, FINE_TUNING, OVERFITTING), 10),
+    GenerationRequest("What does LoRA train?", (LORA, FINE_TUNING), 10),
+    GenerationRequest("What is pre-training?", (PRETRAINING, LORA), 10),
+]
+
 
 @pytest.fixture(scope="module")
 def exact(base_model_dir):
@@ -130,13 +138,7 @@ def test_prefix_cache_answers_exactly_as_the_full_prefill(prefix32, exact32):
     """The same computation in pieces: in fp32 the same tokens. (In bf16 the pieces' products
     round differently from one long product, and a near-tie can go the other way: the test below.)"""
     generator, exact = prefix32, exact32
-    requests = [
-        GenerationRequest("Why is LoRA cheap?", (LORA, FINE_TUNING, OVERFITTING), 10),
-        GenerationRequest(
-            "What does LoRA train?", (LORA, FINE_TUNING), 10
-        ),  # its whole prompt but the question
-        GenerationRequest("What is pre-training?", (PRETRAINING, LORA), 10),  # only the start
-    ]
+    requests = PREFIX_REQUESTS
     assert generator.cache_mode == "prefix"
     cache = generator.passage_cache
     cache.clear()
@@ -149,11 +151,7 @@ def test_prefix_cache_answers_exactly_as_the_full_prefill(prefix32, exact32):
 
 @pytest.mark.slow
 def test_in_bf16_the_prefix_cache_is_deterministic_and_agrees_with_the_full_prefill(generator, exact):
-    requests = [
-        GenerationRequest("Why is LoRA cheap?", (LORA, FINE_TUNING, OVERFITTING), 10),
-        GenerationRequest("What does LoRA train?", (LORA, FINE_TUNING), 10),
-        GenerationRequest("What is pre-training?", (PRETRAINING, LORA), 10),
-    ]
+    requests = PREFIX_REQUESTS
     generator.passage_cache.clear()
     cold = [generator.generate_tokens([r])[0] for r in requests]
     warm = generator.generate_tokens(requests)
