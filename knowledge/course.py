@@ -53,10 +53,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
 
 
+ALIAS_RE = re.compile(r"^[a-z0-9]{1,32}$")
+MAX_ALIASES = 500
+
+
 class CourseMeta(_Strict):
     id: str
     title: str = Field(min_length=1)
     description: str = ""
+    # Students' shorthand and the course's words for it ("lr": "learning rate"): the tutor reads a
+    # question with these expanded, so "typical lr values?" finds the lessons on learning rates.
+    aliases: tuple[tuple[str, str], ...] = ()  # a mapping in course.yaml, kept as sorted pairs
+
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _aliases(cls, v: object) -> tuple[tuple[str, str], ...]:
+        if v is None:
+            return ()
+        if not isinstance(v, dict):
+            raise ValueError("expected a mapping of word: meaning (lr: learning rate)")
+        if len(v) > MAX_ALIASES:
+            raise ValueError(f"at most {MAX_ALIASES} aliases (found {len(v)})")
+        out: dict[str, str] = {}
+        for word, meaning in v.items():
+            key = str(word).strip().lower()
+            if not ALIAS_RE.match(key):
+                raise ValueError(f"{word!r}: an alias is one word of at most 32 letters or digits")
+            if not isinstance(meaning, str | int | float) or isinstance(meaning, bool):
+                raise ValueError(f"{word!r}: its meaning must be text")
+            text = " ".join(str(meaning).split())
+            if not text or len(text) > 100:
+                raise ValueError(f"{word!r}: its meaning must be 1-100 characters")
+            out[key] = text
+        return tuple(sorted(out.items()))
 
     @field_validator("id")
     @classmethod

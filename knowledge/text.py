@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from itertools import pairwise
@@ -66,3 +67,17 @@ def phrase_terms(tokens: list[str]) -> list[str]:
     """Adjacent pairs of keyword tokens, the terms of the phrase index: "learning rate" ->
     ["learn_rate"]. Tokens never contain "_", so a pair cannot collide with a word."""
     return [f"{a}_{b}" for a, b in pairwise(tokens)]
+
+
+@functools.lru_cache(maxsize=32)
+def _alias_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + r")(?![\w-])", re.I)
+
+
+def expand_aliases(text: str, aliases: tuple[tuple[str, str], ...]) -> str:
+    """The text with each whole-word alias replaced by its meaning ("typical lr?" -> "typical
+    learning rate?"), case-insensitively; a hyphenated word ("lr-schedule") is left alone."""
+    if not aliases or not text:
+        return text
+    meaning = dict(aliases)
+    return _alias_pattern(tuple(meaning)).sub(lambda m: meaning[m.group(1).lower()], text)

@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 from knowledge.chunking import sentences  # noqa: E402
 from knowledge.generation import GenerationError, GenerationRequest, Generator, Passage  # noqa: E402
 from knowledge.retriever import Hit, Retriever  # noqa: E402
-from knowledge.text import keyword_tokens  # noqa: E402
+from knowledge.text import expand_aliases, keyword_tokens  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,19 @@ log = logging.getLogger(__name__)
 # ones 0.01-0.33 (the highest: a question on self-attention, a neighbouring ML topic). Above 0.36 the
 # course covers it; from 0.20 it needs keyword evidence: a raw BM25 of 3 or more (every in-course
 # question under 0.36 had one), or a short question made only of course terms ("what is LoRA?").
+# A blind second set written later (benchmarks/data/tutor_questions_dev.yaml, 40 questions) showed
+# the rule declining 8 in-course questions at cosines 0.17-0.34: students' shorthand ("lr", "val acc",
+# now read through the course's aliases), follow-ups with no pronoun (now retried with the previous
+# question), and questions mostly in the course's words with a fair cosine, now answered when at least
+# 60% of their words are course words and the cosine is 0.25 or more (the off-topic messages of both
+# sets that reach 0.25 use at most 57% course words).
 MIN_COSINE = 0.36
 MIN_COSINE_WITH_KEYWORDS = 0.20
 MIN_BM25_FOR_KEYWORDS = 3.0
 SHORT_QUESTION_TERMS = 3  # a question of at most this many content words, all of them course terms
 MIN_COSINE_COURSE_TERMS = 0.15  # ... needs only this cosine ("what are adapters?" reaches 0.196)
+MIN_COURSE_COVERAGE = 0.6  # share of the question's words that the course uses ...
+MIN_COSINE_WITH_COVERAGE = 0.25  # ... with this cosine ("how do i check my fine-tuned model didnt get worse")
 GEN_PASSAGES = 3
 EXTRACT_PASSAGES = 5  # the extractor reads the top three relevant passages, and up to five from the top lesson,
 # and answers from the top lesson's passage with the best (fused score / top score + this weight x its best
@@ -193,9 +201,18 @@ class Tutor:
             return done(text="I can only help with questions about the course. " + self.help_text(),
                         answered=False, confidence=0.0, mode="declined")
 
-        query = self._rewrite(text, history)
+        aliases = getattr(getattr(self.course, "meta", None), "aliases", ())
+        plain = expand_aliases(text, aliases)
+        query = expand_aliases(self._rewrite(text, history), aliases)
         hits = retriever.search(query, self.k)
         relevant = self._relevant(hits, query, retriever)
+        previous = self._previous_question(history)
+        if not relevant and previous and query == plain:
+            # A follow-up with no pronoun to give it away ("how low are we talking for the lr"):
+            # when the message alone finds nothing, read it with the conversation's last question.
+            query = expand_aliases(f"{previous} {text}", aliases)
+            hits = retriever.search(query, self.k)
+            relevant = self._relevant(hits, query, retriever)
         if not relevant:
             return done(
                 text=f"Sorry, the course doesn't cover that. {self.help_text()}",
@@ -222,9 +239,13 @@ class Tutor:
 
     # --- steps ----------------------------------------------------------------------------------
     @staticmethod
-    def _rewrite(text: str, history: Sequence[Turn]) -> str:
+    def _previous_question(history: Sequence[Turn]) -> str | None:
+        return next((t.content for t in reversed(history) if t.role == "user"), None)
+
+    @classmethod
+    def _rewrite(cls, text: str, history: Sequence[Turn]) -> str:
         """A follow-up ("and why is that?") borrows the previous question's words for retrieval."""
-        last = next((t.content for t in reversed(history) if t.role == "user"), None)
+        last = cls._previous_question(history)
         if not last or len(text.split()) > 14 or not _FOLLOWUP.search(text):
             return text
         return f"{last} {text}"
@@ -234,13 +255,16 @@ class Tutor:
         evidence (a strong BM25 match, or a short question made only of the course's own terms, like
         "what is LoRA?", whose cosine is low because there is so little to embed)."""
         toks = set(keyword_tokens(query))
-        course_terms = 0 < len(toks) <= SHORT_QUESTION_TERMS and toks <= self._vocabulary(retriever)
+        vocab = self._vocabulary(retriever)
+        course_terms = 0 < len(toks) <= SHORT_QUESTION_TERMS and toks <= vocab
+        coverage = len(toks & vocab) / len(toks) if toks else 0.0
         out = []
         for h in hits:
             if (
                 h.dense_score >= self.min_cosine
                 or (h.dense_score >= MIN_COSINE_WITH_KEYWORDS and h.bm25_score >= MIN_BM25_FOR_KEYWORDS)
                 or (course_terms and h.dense_score >= MIN_COSINE_COURSE_TERMS)
+                or (coverage >= MIN_COURSE_COVERAGE and h.dense_score >= MIN_COSINE_WITH_COVERAGE)
             ):
                 out.append(h)
         return out

@@ -330,10 +330,25 @@ def test_missing_course_yaml(tmp_path):
         ("id: 'bad id!'\ntitle: T\n", "course.yaml: id: must be 1-64 letters"),
         ("id: x\n", "course.yaml: title: Field required"),
         ("id: x\ntitle: T\nauthor: me\n", "course.yaml: author: Extra inputs are not permitted"),
+        ("id: x\ntitle: T\naliases: [lr]\n", "course.yaml: aliases: expected a mapping of word: meaning"),
+        ("id: x\ntitle: T\naliases:\n  learning rate: lr\n", "course.yaml: aliases: 'learning rate': an alias is one word"),
+        ("id: x\ntitle: T\naliases:\n  lr: ''\n", "course.yaml: aliases: 'lr': its meaning must be 1-100 characters"),
+        ("id: x\ntitle: T\naliases:\n  lr: [a, b]\n", "course.yaml: aliases: 'lr': its meaning must be text"),
     ],
 )
 def test_bad_course_yaml(tmp_path, content, expected):
     assert problem_about(refused(broken(tmp_path, {"course.yaml": content})), "course.yaml").startswith(expected)
+
+
+def test_course_aliases_are_read_lower_cased_and_sorted(tmp_path):
+    c = load_course(broken(tmp_path, {"course.yaml": "id: x\ntitle: T\naliases:\n  LR: learning   rate\n  acc: accuracy\n"}))
+    assert c.meta.aliases == (("acc", "accuracy"), ("lr", "learning rate"))
+
+
+def test_too_many_aliases(tmp_path):
+    many = "".join(f"  w{i}: word {i}\n" for i in range(501))
+    err = refused(broken(tmp_path, {"course.yaml": "id: x\ntitle: T\naliases:\n" + many}))
+    assert "at most 500 aliases (found 501)" in problem_about(err, "course.yaml")
 
 
 # --- front matter --------------------------------------------------------------------------------

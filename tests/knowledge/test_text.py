@@ -2,7 +2,7 @@
 
 import pytest
 
-from knowledge.text import keyword_tokens, phrase_terms
+from knowledge.text import expand_aliases, keyword_tokens, phrase_terms
 
 
 @pytest.mark.parametrize(
@@ -41,3 +41,25 @@ def test_phrase_terms_are_adjacent_token_pairs():
     assert phrase_terms(keyword_tokens("LoRA")) == [] and phrase_terms([]) == []
     # stop words are gone before pairing: "rate of learning" pairs the content words
     assert phrase_terms(keyword_tokens("rate of learning")) == ["rate_learn"]
+
+
+ALIASES = (("acc", "accuracy"), ("lr", "learning rate"), ("val", "validation"))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("typical lr values?", "typical learning rate values?"),
+        ("LR and Val Acc", "learning rate and validation accuracy"),
+        ("(lr)", "(learning rate)"),
+        ("lr-schedule and lrs", "lr-schedule and lrs"),  # whole words only
+        ("valid accuracy", "valid accuracy"),
+        ("", ""),
+    ],
+)
+def test_expand_aliases(text, expected):
+    assert expand_aliases(text, ALIASES) == expected
+
+
+def test_no_aliases_leaves_the_text_alone():
+    assert expand_aliases("typical lr?", ()) == "typical lr?"

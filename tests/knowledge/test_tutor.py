@@ -314,6 +314,37 @@ def test_follow_up_changes_what_is_retrieved(tutor):
     assert alone.sources[0].section != after.sources[0].section
 
 
+def test_a_follow_up_without_a_pronoun_falls_back_to_the_history(tutor):
+    # "how low should it be" would be caught by its pronoun; this one has none to give it away.
+    follow_up = "how low are we talking, roughly, like numbers"
+    assert tutor.answer(follow_up).answered is False
+    a = tutor.answer(follow_up, history=[Turn("user", "why fine-tune with a small learning rate?")])
+    assert a.answered is True and a.question == follow_up
+    assert "learning rate" in a.text.lower()
+
+
+def test_course_aliases_expand_students_shorthand(course, retriever):
+    # The sample course maps "lr" to "learning rate", "val" to "validation", "acc" to "accuracy" and
+    # "exp" to "experiment": the shorthand question is read as the long one.
+    assert ("lr", "learning rate") in course.meta.aliases
+    t = Tutor(course, retriever, None, mode="extractive")
+    q = "in the movie exp how big was the gap between train and val acc"
+    short = t.answer(q)
+    long = t.answer("in the movie experiment how big was the gap between train and validation accuracy")
+    assert short.answered is True and short.question == q  # the echo is the student's own words
+    assert (short.text, short.sources) == (long.text, long.sources)
+    assert "28 percentage points" in short.text
+    bare = course.__class__(**{**course.__dict__, "meta": course.meta.model_copy(update={"aliases": ()})})
+    assert Tutor(bare, retriever, None, mode="extractive").answer(q).answered is False  # what the aliases fix
+    assert t.answer("whats a good lr").answered is True
+
+
+def test_a_question_in_the_course_words_with_a_fair_cosine_is_answered(ask):
+    # Most of its words are the course's own, its cosine (0.29) is below MIN_COSINE and its BM25 below 3.
+    a = ask("how do i check my finetuned model didnt actually get worse before i ship it")
+    assert a.answered is True and "validation" in a.text.lower()
+
+
 def test_rewrite_rules():
     history = [Turn("user", "What is LoRA?"), Turn("assistant", "Low-rank adaptation.")]
     assert Tutor._rewrite("and why is that?", history) == "What is LoRA? and why is that?"
