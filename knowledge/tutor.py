@@ -332,9 +332,7 @@ class Tutor:
         best_sentence: dict[int, float] = {}
         for (pi, _si, _s), sc in zip(cands, scores, strict=True):
             best_sentence[pi] = max(sc, best_sentence.get(pi, -np.inf))
-        top_score = hits[0].score if hits[0].score > 0 else 1.0
-        same = [pi for pi in best_sentence if hits[pi].source == hits[0].source]
-        bp = max(same or best_sentence, key=lambda pi: hits[pi].score / top_score + PASSAGE_SENTENCE_WEIGHT * best_sentence[pi])
+        bp = self._choose_passage(query, hits, best_sentence)
         own = [i for i, c in enumerate(cands) if c[0] == bp]
         best = max(own, key=lambda i: scores[i])
         # A short passage is a written unit (a section that states its point and its detail): it is
@@ -372,6 +370,13 @@ class Tutor:
         if lead:
             parts = [f"{lead}.", *parts[: MAX_ANSWER_SENTENCES - 1]]
         return " ".join(parts)
+
+    @staticmethod
+    def _choose_passage(query: str, hits: list[Hit], best_sentence: dict[int, float]) -> int:
+        """The passage to answer from (an index into ``hits``), given each candidate's best sentence score."""
+        top_score = hits[0].score if hits[0].score > 0 else 1.0
+        same = [pi for pi in best_sentence if hits[pi].source == hits[0].source]
+        return max(same or best_sentence, key=lambda pi: hits[pi].score / top_score + PASSAGE_SENTENCE_WEIGHT * best_sentence[pi])
 
     def _grounded(self, generated: str, hits: list[Hit], retriever: Retriever) -> str | None:
         """Keep the generated sentences a student can trust: each must restate something the passages

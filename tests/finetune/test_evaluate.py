@@ -105,8 +105,22 @@ def test_question_set_scores_facts_and_abstention(tmp_path):
 def test_shipped_question_set_is_readable():
     import yaml
 
-    data = yaml.safe_load((ROOT / "benchmarks" / "data" / "tutor_questions.yaml").read_text(encoding="utf-8"))
-    assert len(data["questions"]) >= 40 and len(data["offtopic"]) >= 10
+    for name in ("tutor_questions.yaml", "tutor_questions_dev.yaml"):
+        data = yaml.safe_load((ROOT / "benchmarks" / "data" / name).read_text(encoding="utf-8"))
+        assert len(data["questions"]) >= 40 and len(data["offtopic"]) >= 10, name
+        assert all(q["facts"] and all(f for f in q["facts"]) for q in data["questions"]), name
+
+
+def test_the_dev_question_set_is_not_the_test_set():
+    import yaml
+
+    def questions(name):
+        data = yaml.safe_load((ROOT / "benchmarks" / "data" / name).read_text(encoding="utf-8"))
+        return [set(q["question"].lower().split()) for q in data["questions"]]
+
+    test, dev = questions("tutor_questions.yaml"), questions("tutor_questions_dev.yaml")
+    closest = max(len(a & b) / len(a | b) for a in dev for b in test)
+    assert closest < 0.6  # no dev question is a near copy of a test question (word-set Jaccard)
 
 
 def test_model_card_has_data_config_metrics_and_curves():
