@@ -675,7 +675,7 @@ def main(config: TrainConfig, *, progress: Callable[[str], None] | None = None) 
     if use_cache:
         t0 = time.monotonic()
         n_all = len(enc_train) + len(enc_val)
-        bar = _bar(n_all, "caching frozen layers", cfg.show_progress)
+        bar = _bar(n_all, "caching frozen layers", cfg.show_progress, say=progress)
         cache_train = _precompute_frozen(parts, _Batcher(enc_train, pad_id, device, None), len(enc_train),
                                          cfg.batch_size, lambda k: bar.update(k - bar.n))
         done = len(enc_train)
@@ -758,7 +758,7 @@ def main(config: TrainConfig, *, progress: Callable[[str], None] | None = None) 
     initial_val = val_curve[0][1]
 
     model.train()
-    bar = _bar(total, "fine-tuning", cfg.show_progress, initial=step)
+    bar = _bar(total, "fine-tuning", cfg.show_progress, initial=step, say=progress)
     t_loop = time.monotonic()
     try:
         while step < total and not stopped_early:
@@ -888,12 +888,52 @@ class _NoBar:
         pass
 
 
-def _bar(total: int, desc: str, show: bool, initial: int = 0):
+class _LineBar(_NoBar):
+    """Progress as a plain line every ``every_s`` seconds and at the end, for logs and pipes (no
+    terminal to draw a bar on): "fine-tuning: 12/40 steps (30%), loss=1.234 val=1.190, 2m10s, ~5m left"."""
+
+    def __init__(self, total: int, desc: str, unit: str, say, initial: int = 0, every_s: float = 30.0) -> None:
+        self.total, self.desc, self.unit, self.say, self.every_s = total, desc, unit, say, every_s
+        self.n = self._start = initial
+        self._t0 = self._last = time.monotonic()
+        self._post: dict[str, str] = {}
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        now = time.monotonic()
+        if now - self._last >= self.every_s or self.n >= self.total:
+            self._last = now
+            self.say(self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = now - self._t0
+        done = self.n - self._start
+        parts = [f"{self.desc}: {self.n}/{self.total} {self.unit} ({self.n / max(self.total, 1):.0%})"]
+        if self._post:
+            parts.append(" ".join(f"{k}={v}" for k, v in self._post.items()))
+        parts.append(_duration(elapsed))
+        if done > 0 and self.n < self.total:
+            parts.append(f"~{_duration(elapsed / done * (self.total - self.n))} left")
+        return ", ".join(parts)
+
+    def set_postfix(self, **kw) -> None:
+        self._post = {k: str(v) for k, v in kw.items() if k != "refresh"}
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _bar(total: int, desc: str, show: bool, initial: int = 0, say=None):
+    unit = "step" if desc == "fine-tuning" else "ex"
     if not show:
+        if say is not None:
+            return _LineBar(total, desc, unit + "s", say, initial=initial)
         bar = _NoBar()
         bar.n = initial
         return bar
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step" if desc == "fine-tuning" else "ex",
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit,
                 dynamic_ncols=True, leave=False)

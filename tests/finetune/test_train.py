@@ -254,3 +254,20 @@ def test_lora_run_is_merged_into_a_plain_model(base_dir, data_dir, tmp_path):
 def test_full_method_one_step(base_dir, data_dir, tmp_path):
     r = main(cfg(data_dir, tmp_path / "full", base_dir, method="full", max_steps=1, eval_every=1, batch_size=2))
     assert r.trainable_params == r.total_params and math.isfinite(r.final_train_loss)
+
+
+def test_progress_without_a_terminal_is_a_plain_line_with_time_left():
+    from finetune.train import _bar
+
+    lines: list[str] = []
+    bar = _bar(4, "fine-tuning", False, say=lines.append)
+    bar.every_s = 0.0  # a line per update here; 30 s between lines in a real run
+    bar.update(1)
+    bar.set_postfix(loss="1.234", val="1.190", refresh=False)
+    bar.update(3)
+    assert lines[0].startswith("fine-tuning: 1/4 steps (25%), ") and "left" in lines[0]
+    assert lines[1].startswith("fine-tuning: 4/4 steps (100%), loss=1.234 val=1.190, ")
+    assert "left" not in lines[1]
+    quiet = _bar(4, "fine-tuning", False)  # no callback: nothing to say it with
+    quiet.update(4)
+    assert quiet.n == 4
