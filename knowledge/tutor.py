@@ -253,21 +253,23 @@ class Tutor:
     def _relevant(self, hits: list[Hit], query: str, retriever: Retriever) -> list[Hit]:
         """Passages relevant enough to answer from: a high cosine, or a fair cosine backed by keyword
         evidence (a strong BM25 match, or a short question made only of the course's own terms, like
-        "what is LoRA?", whose cosine is low because there is so little to embed)."""
+        "what is LoRA?", whose cosine is low because there is so little to embed). When none is, a
+        question mostly in the course's words may still be answered from the passages with a fair
+        cosine: that rule only rescues questions the others decline, so the passages of a question
+        they answer stay the same (more passages would mean longer prompts, slower and no better
+        generated answers)."""
         toks = set(keyword_tokens(query))
         vocab = self._vocabulary(retriever)
         course_terms = 0 < len(toks) <= SHORT_QUESTION_TERMS and toks <= vocab
-        coverage = len(toks & vocab) / len(toks) if toks else 0.0
-        out = []
-        for h in hits:
-            if (
-                h.dense_score >= self.min_cosine
-                or (h.dense_score >= MIN_COSINE_WITH_KEYWORDS and h.bm25_score >= MIN_BM25_FOR_KEYWORDS)
-                or (course_terms and h.dense_score >= MIN_COSINE_COURSE_TERMS)
-                or (coverage >= MIN_COURSE_COVERAGE and h.dense_score >= MIN_COSINE_WITH_COVERAGE)
-            ):
-                out.append(h)
-        return out
+        out = [
+            h for h in hits
+            if h.dense_score >= self.min_cosine
+            or (h.dense_score >= MIN_COSINE_WITH_KEYWORDS and h.bm25_score >= MIN_BM25_FOR_KEYWORDS)
+            or (course_terms and h.dense_score >= MIN_COSINE_COURSE_TERMS)
+        ]
+        if out or not toks or len(toks & vocab) / len(toks) < MIN_COURSE_COVERAGE:
+            return out
+        return [h for h in hits if h.dense_score >= MIN_COSINE_WITH_COVERAGE]
 
     def _vocabulary(self, retriever: Retriever) -> frozenset[str]:
         """Keyword tokens of every passage of the index (cached per index)."""
