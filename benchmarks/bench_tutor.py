@@ -63,6 +63,10 @@ def question_set(tutor: Tutor, data: dict, workers: int) -> dict:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         answers = list(pool.map(ask, qs))
         off_answers = list(pool.map(lambda o: tutor.answer(o["message"]), off))
+        # The same messages in a conversation, after a question the course answers (a follow-up
+        # rule must not make them look like follow-ups).
+        course_turn = [Turn("user", qs[0]["question"]), Turn("assistant", "(the tutor's answer)")]
+        off_in_chat = list(pool.map(lambda o: tutor.answer(o["message"], history=course_turn), off))
     wall = time.perf_counter() - t0
     full = sum(all(covers(a.text, f) for f in q["facts"]) and a.answered for q, a in zip(qs, answers, strict=True))
     facts_total = sum(len(q["facts"]) for q in qs)
@@ -77,6 +81,7 @@ def question_set(tutor: Tutor, data: dict, workers: int) -> dict:
         "n": len(qs), "n_off": len(off), "full": full, "facts_hit": facts_hit, "facts_total": facts_total,
         "abst_precision": declined_off / declined if declined else 1.0,
         "abst_recall": declined_off / len(off), "declined_in": declined_in,
+        "chat_recall": sum(not a.answered for a in off_in_chat) / len(off),
         "gen_share": sum(a.mode == "generative" for a in answers) / len(answers),
         "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)), "wall": wall, "misses": misses,
     }
@@ -151,6 +156,7 @@ def main() -> None:
     for mode, r in results.items():
         rows.append([mode, f"{r['full']}/{r['n']} ({r['full'] / r['n']:.0%})", f"{r['facts_hit']}/{r['facts_total']}",
                      f"{r['abst_precision']:.2f}", f"{r['abst_recall']:.2f} ({r['n_off']} messages)",
+                     f"{r['chat_recall']:.2f}",
                      r["declined_in"], f"{r['gen_share']:.0%}", f"{r['p50']:.0f} / {r['p95']:.0f}"])
     lines = [
         "## Tutor answer quality",
@@ -165,7 +171,7 @@ def main() -> None:
         stamp(),
         "",
         table(["mode", "answers with all facts", "facts covered", "abstention precision", "abstention recall",
-               "in-course declined", "generated (rest extracted)", "latency p50 / p95 ms"], rows),
+               "off-topic declined after a course question", "in-course declined", "generated (rest extracted)", "latency p50 / p95 ms"], rows),
     ]
     if faq:
         lines += ["", f"FAQ answer similarity (mean MiniLM cosine to the FAQ's own answer, fixed sample of "

@@ -76,6 +76,7 @@ SHORT_QUESTION_TERMS = 3  # a question of at most this many content words, all o
 MIN_COSINE_COURSE_TERMS = 0.15  # ... needs only this cosine ("what are adapters?" reaches 0.196)
 MIN_COURSE_COVERAGE = 0.6  # share of the question's words that the course uses ...
 MIN_COSINE_WITH_COVERAGE = 0.25  # ... with this cosine ("how do i check my fine-tuned model didnt get worse")
+FOLLOWUP_FOREIGN_WORDS = 1  # words the course never uses that a follow-up may bring ("tho")
 GEN_PASSAGES = 3
 EXTRACT_PASSAGES = 5  # the extractor reads the top three relevant passages, and up to five from the top lesson,
 # and answers from the top lesson's passage with the best (fused score / top score + this weight x its best
@@ -101,7 +102,8 @@ _CODE_FENCE = re.compile(r"```(?:\w+\n)?(.*?)```", re.DOTALL)
 _INJECTION = re.compile(
     r"\b(ignore|disregard|forget)\b.{0,40}\b(instructions?|rules|prompt|above|previous)\b"
     r"|\byou are now\b|\bact as\b|\bpretend (to be|you)\b|\bjailbreak\b|\bDAN\b"
-    r"|\b(system|hidden|initial) prompt\b|\bdeveloper mode\b",
+    r"|\b(system|hidden|initial) prompt\b|\bdeveloper mode\b"
+    r"|\bsay\b[^.?!]{0,60}\b(\d+|two|three|five|ten|twenty|hundred|many) times\b|\brepeat after me\b",
     re.IGNORECASE,
 )
 _FOLLOWUP = re.compile(
@@ -203,10 +205,15 @@ class Tutor:
 
         aliases = getattr(getattr(self.course, "meta", None), "aliases", ())
         plain = expand_aliases(text, aliases)
+        # A message is read with the conversation's last question only when it brings at most one
+        # word of its own that the course never uses: "why does that help tho" is a follow-up,
+        # "which crypto should i buy this week" is not, whatever came before it.
+        previous = self._previous_question(history)
+        if previous and not self._may_follow(plain, retriever):
+            previous, history = None, ()
         query = expand_aliases(self._rewrite(text, history), aliases)
         hits = retriever.search(query, self.k)
         relevant = self._relevant(hits, query, retriever)
-        previous = self._previous_question(history)
         if not relevant and previous and query == plain:
             # A follow-up with no pronoun to give it away ("how low are we talking for the lr"):
             # when the message alone finds nothing, read it with the conversation's last question.
@@ -270,6 +277,10 @@ class Tutor:
         if out or not toks or len(toks & vocab) / len(toks) < MIN_COURSE_COVERAGE:
             return out
         return [h for h in hits if h.dense_score >= MIN_COSINE_WITH_COVERAGE]
+
+    def _may_follow(self, text: str, retriever: Retriever) -> bool:
+        """At most FOLLOWUP_FOREIGN_WORDS of the message's words are words the course never uses."""
+        return len(set(keyword_tokens(text)) - self._vocabulary(retriever)) <= FOLLOWUP_FOREIGN_WORDS
 
     def _vocabulary(self, retriever: Retriever) -> frozenset[str]:
         """Keyword tokens of every passage of the index (cached per index)."""
