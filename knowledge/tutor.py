@@ -203,7 +203,7 @@ class Tutor:
             return done(text="I can only help with questions about the course. " + self.help_text(),
                         answered=False, confidence=0.0, mode="declined")
 
-        aliases = getattr(getattr(self.course, "meta", None), "aliases", ())
+        aliases = self.course.meta.aliases
         plain = expand_aliases(text, aliases)
         # A message is read with the conversation's last question only when it brings at most one
         # word of its own that the course never uses: "why does that help tho" is a follow-up,
@@ -345,7 +345,7 @@ class Tutor:
         best_sentence: dict[int, float] = {}
         for (pi, _si, _s), sc in zip(cands, scores, strict=True):
             best_sentence[pi] = max(sc, best_sentence.get(pi, -np.inf))
-        bp = self._choose_passage(query, hits, best_sentence)
+        bp = self._choose_passage(hits, best_sentence)
         own = [i for i, c in enumerate(cands) if c[0] == bp]
         best = max(own, key=lambda i: scores[i])
         # A short passage is a written unit (a section that states its point and its detail): it is
@@ -385,7 +385,7 @@ class Tutor:
         return " ".join(parts)
 
     @staticmethod
-    def _choose_passage(query: str, hits: list[Hit], best_sentence: dict[int, float]) -> int:
+    def _choose_passage(hits: list[Hit], best_sentence: dict[int, float]) -> int:
         """The passage to answer from (an index into ``hits``), given each candidate's best sentence score."""
         top_score = hits[0].score if hits[0].score > 0 else 1.0
         same = [pi for pi in best_sentence if hits[pi].source == hits[0].source]
