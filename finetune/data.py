@@ -8,7 +8,7 @@ Sources, one example each:
 - students' feedback that a maintainer approved (the tutor's answer) or corrected (the correction).
 
 Every example carries the passages the REAL retriever returns for its question, chosen exactly as
-the tutor chooses them at inference (``Tutor._relevant`` then ``Tutor._passages``), and the prompt is
+the tutor chooses them at inference (``Tutor.context_for``), and the prompt is
 ``knowledge.generation.build_messages(question, passages)``: the model learns to answer from context,
 with the same prompt it will see in service.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -187,28 +186,12 @@ def _norm_question(q: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", q.casefold()).strip()
 
 
-def retrieve_passages(retriever, question: str, k: int = 5) -> tuple[Passage, ...]:
-    """The passages the tutor would hand the answer model for this question: the same retrieval, the
-    tutor's own relevance rule (``Tutor._relevant``) and its number of passages (``GEN_PASSAGES``)."""
-    from knowledge import tutor as tutor_mod
+def retrieve_passages(course, retriever, question: str, k: int = 5) -> tuple[Passage, ...]:
+    """The passages the tutor would hand the answer model for this question (``Tutor.context_for``:
+    the same aliases, retrieval, relevance rule and number of passages as in service)."""
+    from knowledge.tutor import Tutor
 
-    hits = retriever.search(question, k)
-    try:
-        chooser = tutor_mod.Tutor(None, retriever, None, k=k)
-        arity = len(inspect.signature(chooser._relevant).parameters)
-        relevant = chooser._relevant(hits, question, retriever) if arity >= 3 else chooser._relevant(hits)
-    except Exception as exc:  # the tutor's internals moved: its documented floor, and say so once
-        global _WARNED
-        if not _WARNED:
-            log.warning("Tutor._relevant unavailable (%s); using the cosine floor for training passages", exc)
-            _WARNED = True
-        floor = getattr(tutor_mod, "MIN_COSINE_WITH_KEYWORDS", 0.2)
-        relevant = [h for h in hits if h.dense_score >= floor]
-    chosen = (relevant or hits)[: getattr(tutor_mod, "GEN_PASSAGES", 3)]  # a declined question still gets context
-    return tuple(Passage(h.chunk.title, h.chunk.section, h.chunk.text, h.source) for h in chosen)
-
-
-_WARNED = False
+    return Tutor(course, retriever, None, k=k).context_for(question)
 
 
 _HEADING_PREFIX = re.compile(
@@ -293,8 +276,9 @@ def course_examples(course, retriever, feedback: Iterable[FeedbackItem] = (), *,
                     lessons: bool = False, progress=None) -> list[Example]:
     """One example per source, with retrieved passages. Duplicate (kind, id) pairs are merged.
     ``lessons``: also one example per lesson section (see ``lesson_items``)."""
-    from knowledge.tutor import clean_question
+    from knowledge.tutor import Tutor, clean_question
 
+    tutor = Tutor(course, retriever, None, k=k)  # one tutor: it caches the course vocabulary
     out: list[Example] = []
     group_of_question: dict[str, str] = {}
     seen_ids: Counter[str] = Counter()
@@ -310,7 +294,7 @@ def course_examples(course, retriever, feedback: Iterable[FeedbackItem] = (), *,
         group = f"{kind}:{sid}"
         nq = _norm_question(question)
         group = group_of_question.setdefault(nq, group) if nq else group
-        passages = retrieve_passages(retriever, question, k)
+        passages = tutor.context_for(question)
         in_passages = any(p.source == sid for p in passages) if kind == "faq" else None
         if kind == "lesson" and not any(f"{p.source}#{p.section}" == sid for p in passages):
             continue  # its answer would not be in the context: that would teach inventing

@@ -203,23 +203,7 @@ class Tutor:
             return done(text="I can only help with questions about the course. " + self.help_text(),
                         answered=False, confidence=0.0, mode="declined")
 
-        aliases = self.course.meta.aliases
-        plain = expand_aliases(text, aliases)
-        # A message is read with the conversation's last question only when it brings at most one
-        # word of its own that the course never uses: "why does that help tho" is a follow-up,
-        # "which crypto should i buy this week" is not, whatever came before it.
-        previous = self._previous_question(history)
-        if previous and not self._may_follow(plain, retriever):
-            previous, history = None, ()
-        query = expand_aliases(self._rewrite(text, history), aliases)
-        hits = retriever.search(query, self.k)
-        relevant = self._relevant(hits, query, retriever)
-        if not relevant and previous and query == plain:
-            # A follow-up with no pronoun to give it away ("how low are we talking for the lr"):
-            # when the message alone finds nothing, read it with the conversation's last question.
-            query = expand_aliases(f"{previous} {text}", aliases)
-            hits = retriever.search(query, self.k)
-            relevant = self._relevant(hits, query, retriever)
+        query, hits, relevant = self._retrieve(text, history, retriever)
         if not relevant:
             return done(
                 text=f"Sorry, the course doesn't cover that. {self.help_text()}",
@@ -244,7 +228,37 @@ class Tutor:
         return done(text=self._extract(query, relevant, retriever), answered=True, confidence=confidence,
                     sources=sources, mode="extractive")
 
+    def context_for(self, question: str) -> tuple[Passage, ...]:
+        """The passages the answer model is given for this question asked on its own: the same
+        cleaning, aliases, retrieval and relevance rule as ``answer``. A question the tutor would
+        decline still gets the top passages (fine-tuning data wants a context for every example)."""
+        text, _ = clean_question(question, self.max_question_chars)
+        _query, hits, relevant = self._retrieve(text, (), self.retriever)
+        return self._passages(relevant or hits)
+
     # --- steps ----------------------------------------------------------------------------------
+    def _retrieve(self, text: str, history: Sequence[Turn], retriever: Retriever) -> tuple[str, list[Hit], list[Hit]]:
+        """The query (the message, read with the conversation when it is a follow-up, aliases
+        spelled out), its hits and the hits relevant enough to answer from."""
+        aliases = self.course.meta.aliases
+        plain = expand_aliases(text, aliases)
+        # A message is read with the conversation's last question only when it brings at most one
+        # word of its own that the course never uses: "why does that help tho" is a follow-up,
+        # "which crypto should i buy this week" is not, whatever came before it.
+        previous = self._previous_question(history)
+        if previous and not self._may_follow(plain, retriever):
+            previous, history = None, ()
+        query = expand_aliases(self._rewrite(text, history), aliases)
+        hits = retriever.search(query, self.k)
+        relevant = self._relevant(hits, query, retriever)
+        if not relevant and previous and query == plain:
+            # A follow-up with no pronoun to give it away ("how low are we talking for the lr"):
+            # when the message alone finds nothing, read it with the conversation's last question.
+            query = expand_aliases(f"{previous} {text}", aliases)
+            hits = retriever.search(query, self.k)
+            relevant = self._relevant(hits, query, retriever)
+        return query, hits, relevant
+
     @staticmethod
     def _previous_question(history: Sequence[Turn]) -> str | None:
         return next((t.content for t in reversed(history) if t.role == "user"), None)

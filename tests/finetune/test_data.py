@@ -183,7 +183,7 @@ def test_real_retriever_passages_on_the_tiny_course(tiny_course):
     from finetune.data import in_memory_retriever, retrieve_passages
 
     course = load_course(tiny_course)
-    passages = retrieve_passages(in_memory_retriever(course), "Why use a low learning rate when fine-tuning?")
+    passages = retrieve_passages(course, in_memory_retriever(course), "Why use a low learning rate when fine-tuning?")
     assert passages and "low learning rate" in passages[0].text
 
 
