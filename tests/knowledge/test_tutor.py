@@ -350,6 +350,22 @@ def test_course_aliases_expand_students_shorthand(course, retriever):
     assert t.answer("whats a good lr").answered is True
 
 
+def test_fine_tuning_context_is_the_passages_the_tutor_answers_from(course, retriever):
+    # finetune/data builds every training prompt from Tutor.context_for: the same aliases and
+    # relevance rule as a student's question in service, so shorthand gets the long form's passages.
+    from finetune.data import retrieve_passages
+
+    t = Tutor(course, retriever, None, mode="extractive")
+    q = "in the movie exp how big was the gap between train and val acc"
+    short = t.context_for(q)
+    assert short == t.context_for("in the movie experiment how big was the gap between train and validation accuracy")
+    assert [p.source for p in short] == [s.source for s in t.answer(q).sources][: len(short)]
+    assert any("28 percentage points" in p.text for p in short)
+    assert retrieve_passages(course, retriever, q) == short
+    bare = course.__class__(**{**course.__dict__, "meta": course.meta.model_copy(update={"aliases": ()})})
+    assert Tutor(bare, retriever, None).context_for(q) != short  # without the aliases the context differs
+
+
 def test_a_question_in_the_course_words_with_a_fair_cosine_is_answered(ask):
     # Most of its words are the course's own, its cosine (0.29) is below MIN_COSINE and its BM25 below 3.
     a = ask("how do i check my finetuned model didnt actually get worse before i ship it")
