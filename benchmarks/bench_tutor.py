@@ -44,6 +44,14 @@ def covers(answer: str, fact: list[str]) -> bool:
     return any(p.lower() in low for p in fact)
 
 
+def auc(positives: list[float], negatives: list[float]) -> float | None:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    if not positives or not negatives:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
 def load_generator(data_dir: Path):
     from finetune.base_model import ensure_base_model
     from finetune.generator import HFGenerator
@@ -77,12 +85,16 @@ def question_set(tutor: Tutor, data: dict, workers: int) -> dict:
     misses = [(q["id"], q["question"], a.text[:160]) for q, a in zip(qs, answers, strict=True)
               if not (a.answered and all(covers(a.text, f) for f in q["facts"]))]
     lat = [a.latency_ms for a in answers]
+    complete = [all(covers(a.text, f) for f in q["facts"]) for q, a in zip(qs, answers, strict=True)]
+    conf_auc = auc([a.confidence for a, c in zip(answers, complete, strict=True) if a.answered and c],
+                   [a.confidence for a, c in zip(answers, complete, strict=True) if a.answered and not c])
     return {
         "n": len(qs), "n_off": len(off), "full": full, "facts_hit": facts_hit, "facts_total": facts_total,
         "abst_precision": declined_off / declined if declined else 1.0,
         "abst_recall": declined_off / len(off), "declined_in": declined_in,
         "chat_recall": sum(not a.answered for a in off_in_chat) / len(off),
         "gen_share": sum(a.mode == "generative" for a in answers) / len(answers),
+        "conf_auc": conf_auc,
         "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)), "wall": wall, "misses": misses,
     }
 
@@ -173,6 +185,10 @@ def main() -> None:
         table(["mode", "answers with all facts", "facts covered", "abstention precision", "abstention recall",
                "off-topic declined after a course question", "in-course declined", "generated (rest extracted)", "latency p50 / p95 ms"], rows),
     ]
+    aucs = [f"{mode} {r['conf_auc']:.2f}" for mode, r in results.items() if r["conf_auc"] is not None]
+    if aucs:
+        lines += ["", "Does `confidence` tell complete answers from incomplete ones? AUC over the answered "
+                      "in-course questions (0.5 = no better than chance): " + ", ".join(aucs) + "."]
     if faq:
         lines += ["", f"FAQ answer similarity (mean MiniLM cosine to the FAQ's own answer, fixed sample of "
                       f"{args.faq_sample} questions, seed 42):", ""]

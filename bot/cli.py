@@ -288,7 +288,7 @@ def print_answer(a) -> None:
         out.print("[dim]Sources:[/]")
         for r in a.sources:
             out.print(f"[dim]  - {escape(r.label)}  ({escape(r.source)})[/]", highlight=False)
-    out.print(f"[dim]{a.mode}, confidence {a.confidence:.2f}, {a.latency_ms:.0f} ms[/]")
+    out.print(f"[dim]{a.mode}, passage match {a.confidence:.2f}, {a.latency_ms:.0f} ms[/]")
 
 
 @app.command()

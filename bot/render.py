@@ -160,12 +160,13 @@ def join_lines(lines: Sequence[str], limit: int) -> str:
 def _footer(answer: Answer) -> str:
     if not answer.answered:
         return "The course material doesn't cover this question."
-    parts = [f"confidence {answer.confidence:.0%}"]
+    # No "confidence N%": Answer.confidence measures how closely the best passage matches the
+    # question, and on the sample course's question sets it hardly tells complete answers from
+    # incomplete ones (AUC 0.52 and 0.66, benchmarks/bench_tutor.py): a student would read it as
+    # something it is not.
     if answer.mode == "generative" and answer.model:
-        parts.append(f"written by {answer.model}")
-    elif answer.mode == "extractive":
-        parts.append("quoted from the course")
-    return trim(" · ".join(parts), FOOTER_LIMIT)
+        return trim(f"written by {answer.model} from the sources below", FOOTER_LIMIT)
+    return "quoted from the course: the sources are below"
 
 
 def answer_embeds(answer: Answer, *, notes: Iterable[str] = ()) -> list[discord.Embed]:

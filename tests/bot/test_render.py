@@ -129,7 +129,9 @@ def test_answer_embed_layout():
     assert d["title"] == "❓ What is fine-tuning?"
     assert d["description"] == "Fine-tuning adapts a pre-trained model."
     assert d["fields"] == [{"name": "Sources", "value": "1. Basics > Fine-tuning", "inline": False}]
-    assert "confidence 75%" in d["footer"]["text"]
+    assert d["footer"]["text"] == "quoted from the course: the sources are below"  # no confidence figure
+    (g,) = answer_embeds(make_answer(mode="generative", model="smollm2-ft-3"))
+    assert g.to_dict()["footer"]["text"] == "written by smollm2-ft-3 from the sources below"
 
 
 def test_sources_deduplicated_numbered_and_capped():
