@@ -174,17 +174,19 @@ def search(
     course: CourseOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search the course: hybrid dense + keyword retrieval."""
+    """Search the course: hybrid dense + keyword retrieval, reading the course's aliases as the tutor does."""
     from knowledge.course import CourseError
     from knowledge.index import IndexError_
+    from knowledge.text import expand_aliases
 
     s = settings(course_dir=course)
     setup_logging("WARNING")
     try:
-        _, retriever = open_retriever(s)
+        loaded, retriever = open_retriever(s)
     except (CourseError, IndexError_) as exc:
         raise fail(str(exc)) from None
-    hits = retriever.search(query, k, section=section)
+    expanded = expand_aliases(query, loaded.meta.aliases)
+    hits = retriever.search(expanded, k, section=section)
     if as_json:
         print_json_line([
             {"source": h.source, "title": h.chunk.title, "section": h.chunk.section, "score": round(h.score, 5),
@@ -192,6 +194,8 @@ def search(
             for h in hits
         ])
         return
+    if expanded != query:
+        out.print(f"[dim]searching for: {escape(expanded)} (the course's aliases)[/]", highlight=False)
     if not hits:
         out.print("No passages matched.")
     for n, h in enumerate(hits, 1):

@@ -114,6 +114,17 @@ def test_search_section_filter_and_table_output(env):
     assert table.exit_code == 0 and "1. 02 Lora" in table.stdout and "lessons/02-lora.txt" in table.stdout
 
 
+def test_search_reads_the_course_aliases(tmp_path, monkeypatch):
+    yaml_text = TINY_COURSE["course.yaml"] + "aliases:\n  lr: learning rate\n"
+    course = write_course(tmp_path / "aliased", {**TINY_COURSE, "course.yaml": yaml_text})
+    point_at(monkeypatch, course, tmp_path / "data")
+    short = run("search", "why a low lr", "--json", "--k", "2")
+    long = run("search", "why a low learning rate", "--json", "--k", "2")
+    assert short.exit_code == 0, short.output
+    assert json.loads(short.stdout) == json.loads(long.stdout)
+    assert "searching for: why a low learning rate" in run("search", "why a low lr", "--k", "1").stdout
+
+
 def test_search_json_is_not_rewritten_by_rich(tmp_path, monkeypatch):
     """Regression: JSON went through Rich, which ate "[text](url)", turned ":fire:" into an emoji
     and crashed on a stray "[/]"."""
