@@ -76,16 +76,16 @@ def question_set(tutor: Tutor, data: dict, workers: int) -> dict:
         course_turn = [Turn("user", qs[0]["question"]), Turn("assistant", "(the tutor's answer)")]
         off_in_chat = list(pool.map(lambda o: tutor.answer(o["message"], history=course_turn), off))
     wall = time.perf_counter() - t0
-    full = sum(all(covers(a.text, f) for f in q["facts"]) and a.answered for q, a in zip(qs, answers, strict=True))
+    complete = [all(covers(a.text, f) for f in q["facts"]) for q, a in zip(qs, answers, strict=True)]
+    full = sum(c and a.answered for a, c in zip(answers, complete, strict=True))
     facts_total = sum(len(q["facts"]) for q in qs)
     facts_hit = sum(covers(a.text, f) for q, a in zip(qs, answers, strict=True) for f in q["facts"] if a.answered)
     declined_in = sum(not a.answered for a in answers)
     declined_off = sum(not a.answered for a in off_answers)
     declined = declined_in + declined_off
-    misses = [(q["id"], q["question"], a.text[:160]) for q, a in zip(qs, answers, strict=True)
-              if not (a.answered and all(covers(a.text, f) for f in q["facts"]))]
+    misses = [(q["id"], q["question"], a.text[:160]) for q, a, c in zip(qs, answers, complete, strict=True)
+              if not (a.answered and c)]
     lat = [a.latency_ms for a in answers]
-    complete = [all(covers(a.text, f) for f in q["facts"]) for q, a in zip(qs, answers, strict=True)]
     conf_auc = auc([a.confidence for a, c in zip(answers, complete, strict=True) if a.answered and c],
                    [a.confidence for a, c in zip(answers, complete, strict=True) if a.answered and not c])
     return {

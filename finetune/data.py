@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -36,8 +35,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from knowledge.generation import Passage, build_messages
-
-log = logging.getLogger(__name__)
 
 FORMAT = "tutorbot-dataset/1"
 KINDS = ("quiz", "flashcard", "faq", "feedback", "lesson")
