@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -107,3 +108,40 @@ def shared_minilm() -> MiniLMEmbedder:
         if _shared is None:
             _shared = MiniLMEmbedder()
         return _shared
+
+
+class VectorCache:
+    """Vectors of texts seen before, least recently used dropped past ``max_items``.
+
+    The tutor embeds the sentences of the passages it answers from (to pick the answer's sentences
+    and to check a generated answer against them); a course's sentences recur across questions, so
+    each is embedded once and then read from here. Keys carry the embedder's name, so a cache
+    outlives an index swap. A vector is the one computed in the batch that first met its text
+    (batch padding changes the last float digits, never the ranking in practice)."""
+
+    def __init__(self, max_items: int = 50_000):
+        self.max_items = max_items
+        self._vecs: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._vecs)
+
+    def encode(self, embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), dim) float32, as ``embedder.encode(texts)``; only unseen texts are embedded."""
+        keys = [(embedder.name, t) for t in texts]
+        with self._lock:
+            found = {k: self._vecs[k] for k in keys if k in self._vecs}
+            for k in found:
+                self._vecs.move_to_end(k)
+        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        if missing:
+            fresh = embedder.encode([t for _, t in missing])
+            found.update(zip(missing, fresh, strict=True))
+            with self._lock:
+                self._vecs.update(zip(missing, fresh, strict=True))
+                while len(self._vecs) > self.max_items:
+                    self._vecs.popitem(last=False)
+        if not keys:
+            return np.zeros((0, embedder.dim), dtype=np.float32)
+        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)

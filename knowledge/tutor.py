@@ -52,6 +52,7 @@ from collections.abc import Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 
 from knowledge.chunking import sentences  # noqa: E402
+from knowledge.embedder import VectorCache  # noqa: E402
 from knowledge.generation import GenerationError, GenerationRequest, Generator, Passage  # noqa: E402
 from knowledge.retriever import Hit, Retriever  # noqa: E402
 from knowledge.text import expand_aliases, keyword_tokens  # noqa: E402
@@ -165,6 +166,7 @@ class Tutor:
         self.max_new_tokens = max_new_tokens
         self._swap_lock = threading.Lock()
         self._vocab_cache: tuple[object, frozenset[str]] | None = None
+        self._vectors = VectorCache()  # the passages' sentences (and questions) embedded once
 
     # --- hot swaps (admin reindex / model promotion) --------------------------------------------
     def swap(self, *, retriever: Retriever | None = None, generator: Generator | None = None, course=None) -> None:
@@ -346,8 +348,7 @@ class Tutor:
                     cands.append((pi, si, s))
         if not cands:
             return hits[0].excerpt(400)
-        emb = retriever.embedder
-        vecs = emb.encode([query] + [c[2] for c in cands])
+        vecs = self._vectors.encode(retriever.embedder, [query] + [c[2] for c in cands])
         cos = vecs[1:] @ vecs[0]
         qtok = set(keyword_tokens(query))
         scores = []
@@ -436,7 +437,6 @@ class Tutor:
         if not cands:
             return None
         source_sents = [x for h in passages for x in sentences(h.chunk.text)]
-        vecs = retriever.embedder.encode(cands + source_sents)
-        sims = vecs[: len(cands)] @ vecs[len(cands):].T
+        sims = retriever.embedder.encode(cands) @ self._vectors.encode(retriever.embedder, source_sents).T
         kept = [c for c, row in zip(cands, sims, strict=True) if row.max() >= MIN_SENTENCE_SUPPORT]
         return " ".join(kept[:MAX_ANSWER_SENTENCES]) or None

@@ -1,0 +1,56 @@
+"""The packaged MiniLM and the tutor's vector cache (real model)."""
+
+import numpy as np
+import pytest
+
+from knowledge.embedder import VectorCache, shared_minilm
+
+
+class CountingEmbedder:
+    """The real MiniLM, counting the texts it is asked to embed (to see what the cache spares it)."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.dim, self.max_tokens = inner, inner.name, inner.dim, inner.max_tokens
+        self.embedded: list[str] = []
+
+    def encode(self, texts, **kw):
+        self.embedded.extend(texts)
+        return self.inner.encode(texts, **kw)
+
+    def count_tokens(self, text):
+        return self.inner.count_tokens(text)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return shared_minilm()
+
+
+def test_vectors_are_normalised_and_match_meaning(minilm):
+    v = minilm.encode(["fine-tuning adapts a pre-trained model", "adapting a pretrained model to a task", "the cat sat"])
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+
+
+def test_cache_embeds_each_text_once_and_returns_the_same_vectors(minilm):
+    spy, cache = CountingEmbedder(minilm), VectorCache()
+    texts = ["Pre-training learns general patterns.", "LoRA trains a low-rank update.", "Pre-training learns general patterns."]
+    first = cache.encode(spy, texts)
+    assert spy.embedded == texts[:2]  # the repeated text is embedded once
+    assert np.allclose(first, minilm.encode(texts), atol=1e-5)
+    again = cache.encode(spy, ["LoRA trains a low-rank update.", "Dropout discourages memorising."])
+    assert spy.embedded == [*texts[:2], "Dropout discourages memorising."]
+    assert np.array_equal(again[0], first[1])
+    assert cache.encode(spy, []).shape == (0, 384)
+
+
+def test_cache_drops_the_least_recently_used(minilm):
+    spy, cache = CountingEmbedder(minilm), VectorCache(max_items=2)
+    cache.encode(spy, ["alpha beta", "gamma delta"])
+    cache.encode(spy, ["alpha beta"])  # now the most recent
+    cache.encode(spy, ["epsilon zeta"])  # evicts "gamma delta"
+    assert len(cache) == 2
+    spy.embedded.clear()
+    cache.encode(spy, ["alpha beta", "gamma delta"])
+    assert spy.embedded == ["gamma delta"]
