@@ -129,6 +129,8 @@ class VectorCache:
 
     def encode(self, embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), dim) float32, as ``embedder.encode(texts)``; only unseen texts are embedded."""
+        if not texts:
+            return np.zeros((0, embedder.dim), dtype=np.float32)
         keys = [(embedder.name, t) for t in texts]
         with self._lock:
             found = {k: self._vecs[k] for k in keys if k in self._vecs}
@@ -142,6 +144,4 @@ class VectorCache:
                 self._vecs.update(zip(missing, fresh, strict=True))
                 while len(self._vecs) > self.max_items:
                     self._vecs.popitem(last=False)
-        if not keys:
-            return np.zeros((0, embedder.dim), dtype=np.float32)
-        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+        return np.stack([found[k] for k in keys])
