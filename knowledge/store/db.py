@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
         kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
     engine = create_async_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
+        folder = Path(parsed.database).parent if parsed.database and parsed.database != ":memory:" else None
+
+        @event.listens_for(engine.sync_engine, "do_connect")
+        def _folder_exists(_dialect, _record, _cargs, _cparams):
+            # A folder that went away after start-up fails here, before aiosqlite starts a worker
+            # thread for the connection: after a failed connect aiosqlite queues the thread's stop
+            # without waiting for it, and when the event loop closes first (a CLI command's
+            # asyncio.run ending on the error) the thread dies with "Event loop is closed"
+            # (omnilib/aiosqlite#241).
+            if folder is not None and not folder.is_dir():
+                raise sqlite3.OperationalError(f"unable to open database file: the folder {folder} does not exist")
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from knowledge.store.db import DatabaseError, create_engine, create_session_factory
@@ -180,6 +182,26 @@ async def test_unreachable_database_raises_database_error(tmp_path):
             await repo.log_answer(make_answer(), course_id="c", guild_id=None, channel_id=None, user_id=None)
         with pytest.raises(DatabaseError):
             await repo.get_guild_config(GUILD)
+    finally:
+        await engine.dispose()
+
+
+def _aiosqlite_workers() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+async def test_a_vanished_sqlite_folder_fails_before_aiosqlite_starts_a_thread(tmp_path):
+    # aiosqlite queues a failed connection's thread stop without waiting for it; when the event loop
+    # closes first, the thread dies with "Event loop is closed" (omnilib/aiosqlite#241): the engine
+    # refuses a missing folder before any thread starts, and says which folder.
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'gone' / 'x.db'}")
+    (tmp_path / "gone").rmdir()
+    before = _aiosqlite_workers()
+    try:
+        with pytest.raises(DatabaseError) as caught:
+            await QARepository(create_session_factory(engine)).ping()
+        assert "gone does not exist" in str(caught.value.__cause__)
+        assert _aiosqlite_workers() - before == set()
     finally:
         await engine.dispose()
 
