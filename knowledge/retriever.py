@@ -25,7 +25,10 @@ unchanged), Rocchio feedback on the query vector (0.966-0.967), RM3 expansion (M
 0.88-0.91), and a logistic regression over 14 such features, trained on two courses and tested on the
 third (0.968 over the three), and adapting MiniLM to the corpus (one epoch of in-batch-negative training on
 each record's own question -> answer, 4.7 minutes on 2 cores: dense alone 0.927 -> 0.938, the hybrid
-only 0.9691-0.9695 at w_dense 0.5-0.7, not worth minutes on every index build). About 110 of the ~145 remaining misses cannot be found from their text: placeholder questions
+only 0.9691-0.9695 at w_dense 0.5-0.7, not worth minutes on every index build), BM25 over one field (question,
+answer or section) as a third signal (0.960-0.968), one keyword index per record instead of per chunk
+(0.968-0.969) and a power on the normalised keyword score (at most the defaults' 0.9687).
+About 110 of the ~145 remaining misses cannot be found from their text: placeholder questions
 ("question1") shared by several records, and questions about content no record contains.
 """
 
