@@ -80,11 +80,13 @@ MIN_COSINE_WITH_COVERAGE = 0.25  # ... with this cosine ("how do i check my fine
 FOLLOWUP_FOREIGN_WORDS = 1  # words the course never uses that a follow-up may bring ("tho")
 GEN_PASSAGES = 3
 EXTRACT_PASSAGES = 5  # the extractor reads the top three relevant passages, and up to five from the top lesson,
-# and answers from the top lesson's passage with the best (fused score / top score + this weight x its best
-# sentence's score). Measured on the question set: retrieval order alone 43/60 full answers; weight 0.5
-# over 3 passages 45/60, over 5 46/60 (any lesson: 98 facts; the top lesson's only: 99, and the FAQ, one
-# record per source, keeps retrieval's choice); weight 1.0: 44-45/60; a heading-similarity term: 40-44/60.
-PASSAGE_SENTENCE_WEIGHT = 0.5
+# and answers from the passage with the best (fused score / top score + this weight x the cosine of its best
+# sentence to the question); a FAQ answers from the top record (one record per source: retrieval's choice).
+# Measured on both question sets (benchmarks/bench_tutor.py, docs/BENCHMARKS.md, 2026-12-02): the top
+# lesson's passages only, weighted by the best sentence's full score (cosine + overlap - penalties), 43/60
+# and 31/40 full answers; passages of any lesson by the best sentence's cosine, weight 0.5-1.0: 44-45/60
+# and 32/40 (0.75: 45/60, 95 facts against 91; 32/40, 63 facts against 62); a heading-similarity term: 40-44/60.
+PASSAGE_SENTENCE_WEIGHT = 0.75
 EXTRACT_SENTENCES = 3
 EXTRACT_MAX_CHARS = 600
 EXTRACT_WHOLE_EXTRA = 1  # a passage of up to EXTRACT_SENTENCES + 1 sentences (within the cap) is given whole
@@ -359,13 +361,13 @@ class Tutor:
             penalty += 0.3 if _SCAFFOLD.match(s) else 0.0
             scores.append(c + 0.3 * overlap - 0.05 * pi - penalty)
         # The passage: mostly retrieval's order (sentence scores alone favour sentences that repeat
-        # the question's words), nudged by how well its best sentence answers, so that a specific
-        # section ("Change 3: lowering the learning rate to 1e-5") beats a summary of the same lesson
-        # that names everything in passing. The window inside it starts at its best sentence.
-        best_sentence: dict[int, float] = {}
-        for (pi, _si, _s), sc in zip(cands, scores, strict=True):
-            best_sentence[pi] = max(sc, best_sentence.get(pi, -np.inf))
-        bp = self._choose_passage(hits, best_sentence)
+        # the question's words), nudged by how close its best sentence comes to the question, so that
+        # a specific section ("Change 3: lowering the learning rate to 1e-5") can beat a summary that
+        # names everything in passing. The window inside it starts at its best-scoring sentence.
+        best_cosine: dict[int, float] = {}
+        for (pi, _si, _s), c in zip(cands, cos.tolist(), strict=True):
+            best_cosine[pi] = max(c, best_cosine.get(pi, -np.inf))
+        bp = self._choose_passage(hits, best_cosine)
         own = [i for i, c in enumerate(cands) if c[0] == bp]
         best = max(own, key=lambda i: scores[i])
         # A short passage is a written unit (a section that states its point and its detail): it is
@@ -405,11 +407,14 @@ class Tutor:
         return " ".join(parts)
 
     @staticmethod
-    def _choose_passage(hits: list[Hit], best_sentence: dict[int, float]) -> int:
-        """The passage to answer from (an index into ``hits``), given each candidate's best sentence score."""
+    def _choose_passage(hits: list[Hit], best_cosine: dict[int, float]) -> int:
+        """The passage to answer from (an index into ``hits``), given the cosine of each candidate's best
+        sentence to the question. Any lesson's passage may answer; a FAQ answers from its top record."""
         top_score = hits[0].score if hits[0].score > 0 else 1.0
-        same = [pi for pi in best_sentence if hits[pi].source == hits[0].source]
-        return max(same or best_sentence, key=lambda pi: hits[pi].score / top_score + PASSAGE_SENTENCE_WEIGHT * best_sentence[pi])
+        pool = list(best_cosine)
+        if hits[0].chunk.kind != "lesson":
+            pool = [pi for pi in pool if hits[pi].source == hits[0].source] or pool
+        return max(pool, key=lambda pi: hits[pi].score / top_score + PASSAGE_SENTENCE_WEIGHT * best_cosine[pi])
 
     def _grounded(self, generated: str, hits: list[Hit], retriever: Retriever) -> str | None:
         """Keep the generated sentences a student can trust: each must restate something the passages
