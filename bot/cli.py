@@ -41,7 +41,7 @@ def _mount_optional() -> None:
 
 _mount_optional()
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages are never hard-wrapped mid-phrase
 # Piped output (logs, CI) gets room for whole table rows instead of rich's default 80 columns.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
@@ -82,7 +82,10 @@ def print_json_line(obj) -> None:
 # --- index --------------------------------------------------------------------------------------
 
 @index_app.command("build")
-def index_build(course: CourseOpt = None, index: IndexOpt = None) -> None:
+def index_build(
+    course: CourseOpt = None, index: IndexOpt = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace another course's index in the --index folder.")] = False,
+) -> None:
     """Validate the course and (re)build its index, re-embedding only changed passages."""
     from knowledge.course import CourseError, load_course
     from knowledge.embedder import EmbedderError, shared_minilm
@@ -99,10 +102,14 @@ def index_build(course: CourseOpt = None, index: IndexOpt = None) -> None:
     target = s.resolved_index_dir(c.id)
     console.print(f"Indexing [bold]{c.title}[/] ({len(c.documents)} lessons, {len(c.faq)} FAQ records) into {target}")
     try:
-        idx = build_index(c, target, shared_minilm(), show_progress=sys.stderr.isatty())
+        idx = build_index(c, target, shared_minilm(), show_progress=sys.stderr.isatty(), replace=replace)
     except (EmbedderError, IndexError_) as exc:
         raise fail(f"{exc}\nThe index in service (if any) was left untouched.") from None
     m = idx.manifest
+    if idx.up_to_date:
+        console.print(f"[green]up to date:[/] the index in service already holds this course "
+                      f"({m.chunk_count} passages, built {m.created_at}); nothing to do")
+        return
     console.print(
         f"[green]done:[/] {m.chunk_count} passages from {m.source_count} sources "
         f"({m.embedded} embedded, {m.reused} reused) in {m.build_seconds:.1f}s; index {m.index_type}"
@@ -115,12 +122,14 @@ def index_info(course: CourseOpt = None, index: IndexOpt = None, as_json: JsonOp
     from dataclasses import asdict
 
     from knowledge.course import CourseError, load_course
+    from knowledge.embedder import MINILM_NAME
     from knowledge.index import IndexError_, KnowledgeIndex
 
     s = settings(course_dir=course, index_dir=index)
     try:
         cid = load_course(s.course_dir).id
-        idx = KnowledgeIndex.load(s.resolved_index_dir(cid), course_id=cid)
+        idx = KnowledgeIndex.load(s.resolved_index_dir(cid), course_id=cid, embedding_model=MINILM_NAME,
+                                  course_dir=s.course_dir)
     except (CourseError, IndexError_) as exc:
         raise fail(str(exc)) from None
     data = asdict(idx.manifest)
@@ -134,34 +143,17 @@ def index_info(course: CourseOpt = None, index: IndexOpt = None, as_json: JsonOp
 
 
 def open_retriever(s):
-    """Load course, index (building it if missing) and retriever for the configured course."""
+    """Load course, index (building or updating it as needed) and retriever for the configured course."""
     from knowledge.course import load_course
     from knowledge.embedder import shared_minilm
-    from knowledge.index import IndexMismatchError, IndexMissingError, KnowledgeIndex, build_index
+    from knowledge.index import open_index
     from knowledge.retriever import Retriever
 
     course = load_course(s.course_dir)
     emb = shared_minilm()
-    target = s.resolved_index_dir(course.id)
-    try:
-        idx = KnowledgeIndex.load(target, embedding_model=emb.name, course_id=course.id)
-        if idx.manifest.content_hash != _course_hash(course, emb):
-            console.print("[yellow]The course changed since the index was built; rebuilding…[/]")
-            idx = build_index(course, target, emb, show_progress=sys.stderr.isatty())
-    except IndexMissingError:
-        console.print(f"No index for {course.id} yet; building it (one time)…")
-        idx = build_index(course, target, emb, show_progress=sys.stderr.isatty())
-    except IndexMismatchError as exc:  # an older format, another model or a damaged folder
-        console.print(f"[yellow]Rebuilding the index: {exc}[/]")
-        idx = build_index(course, target, emb, show_progress=sys.stderr.isatty())
+    idx = open_index(course, s.resolved_index_dir(course.id), emb, progress=lambda m: console.print(f"[dim]{m}[/]"),
+                     show_progress=sys.stderr.isatty())
     return course, Retriever(idx, emb, dense_weight=s.dense_weight, bm25_weight=s.bm25_weight)
-
-
-def _course_hash(course, emb) -> str:
-    from knowledge.chunking import chunk_course
-    from knowledge.index import content_hash
-
-    return content_hash(chunk_course(course, emb.max_tokens, emb.count_tokens))
 
 
 # --- search -------------------------------------------------------------------------------------
@@ -172,6 +164,7 @@ def search(
     k: Annotated[int, typer.Option("--k", min=1, max=50, help="Number of hits.")] = 5,
     section: Annotated[str | None, typer.Option(help="Only passages in this section (prefix).")] = None,
     course: CourseOpt = None,
+    index: IndexOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search the course: hybrid dense + keyword retrieval, reading the course's aliases as the tutor does."""
@@ -179,7 +172,9 @@ def search(
     from knowledge.index import IndexError_
     from knowledge.text import expand_aliases
 
-    s = settings(course_dir=course)
+    if not query.strip():
+        raise fail('give something to search for, e.g. tutorbot search "learning rate"', code=2)
+    s = settings(course_dir=course, index_dir=index)
     setup_logging("WARNING")
     try:
         loaded, retriever = open_retriever(s)
@@ -217,12 +212,14 @@ def eval_retrieval(
     """hit@1/3/5, MRR@k and query latency of the hybrid retriever on a labelled question set."""
     from knowledge.course import CourseError, faq_course_from_json, load_course
     from knowledge.embedder import shared_minilm
-    from knowledge.evaluation import GroundTruthError, evaluate, load_ground_truth
+    from knowledge.evaluation import GroundTruthError, check_ground_truth, evaluate, load_ground_truth
     from knowledge.index import KnowledgeIndex
     from knowledge.retriever import Retriever
 
     s = settings()
     setup_logging("WARNING")
+    if not corpus.exists():
+        raise fail(f"{corpus}: no such file or folder (give a course folder or a FAQ JSON file)")
     try:
         c = load_course(corpus) if corpus.is_dir() else faq_course_from_json(corpus)
         queries = load_ground_truth(ground_truth)
@@ -233,10 +230,12 @@ def eval_retrieval(
     idx = KnowledgeIndex.build(c, emb, show_progress=sys.stderr.isatty())
     r = Retriever(idx, emb, dense_weight=s.dense_weight, bm25_weight=s.bm25_weight)
     known = {ch.course_id for ch in idx.chunks}
+    for w in [*c.warnings, *check_ground_truth(queries, {ch.source for ch in idx.chunks}, known)]:
+        console.print(f"[yellow]warning:[/] {escape(w)}")
 
     def run(q):
         course_filter = q.course if q.course in known else None
-        return [h.source for h in r.search(q.question, k * 4, course=course_filter)]
+        return [h.source for h in r.search(q.question, max(k, 5) * 4, course=course_filter)]
 
     console.print(f"Evaluating {len(queries)} questions…")
     res = evaluate(run, queries, k)

@@ -17,7 +17,7 @@ from bot.config import Settings
 from knowledge.course import Course, load_course
 from knowledge.embedder import shared_minilm
 from knowledge.generation import Generator
-from knowledge.index import IndexError_, IndexMissingError, KnowledgeIndex, build_index, content_hash
+from knowledge.index import KnowledgeIndex, build_index, open_index
 from knowledge.retriever import Retriever
 from knowledge.tutor import Tutor
 
@@ -101,20 +101,8 @@ class TutorRuntime:
                            max_question_chars=settings.max_question_chars, max_new_tokens=settings.max_new_tokens)
 
     def _open_index(self, course: Course) -> KnowledgeIndex:
-        target = self.settings.resolved_index_dir(course.id)
-        try:
-            idx = KnowledgeIndex.load(target, embedding_model=self.embedder.name, course_id=course.id)
-            from knowledge.chunking import chunk_course
-
-            fresh = content_hash(chunk_course(course, self.embedder.max_tokens, self.embedder.count_tokens))
-            if idx.manifest.content_hash == fresh:
-                return idx
-            self.progress("The course changed since its index was built; updating the index…")
-        except IndexMissingError:
-            self.progress(f"Building the search index for {course.title} (first run only)…")
-        except IndexError_ as exc:
-            self.progress(f"Rebuilding the search index: {exc}")
-        return build_index(course, target, self.embedder, show_progress=sys.stderr.isatty())
+        return open_index(course, self.settings.resolved_index_dir(course.id), self.embedder,
+                          progress=self.progress, show_progress=sys.stderr.isatty())
 
     def reindex(self) -> KnowledgeIndex:
         """Reload the course folder and rebuild its index; the old one serves until the swap.

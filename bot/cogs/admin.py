@@ -60,6 +60,8 @@ def summarize(result: object) -> str:
     manifest = getattr(result, "manifest", None)
     if manifest is not None and hasattr(manifest, "chunk_count"):
         kind = getattr(manifest, "index_type", None)
+        if getattr(result, "up_to_date", False) is True:
+            return f"The index already matches the course ({manifest.chunk_count} chunks); nothing to rebuild."
         return f"{manifest.chunk_count} chunks indexed" + (f" ({kind})" if kind else "") + "."
     return str(result)
 

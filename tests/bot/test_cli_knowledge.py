@@ -72,10 +72,39 @@ def test_index_build_reports_and_writes_under_the_data_dir(shared):
     assert not (Path.cwd() / "data" / "index" / "tiny").exists() or Path.cwd() == data.parent
 
 
-def test_rebuilding_unchanged_reuses_every_vector(env):
+def test_rebuilding_unchanged_keeps_the_index_in_service(env):
+    _, data = env
+    before = (data / "index" / "tiny" / "current").resolve()
     result = run("index", "build")
     assert result.exit_code == 0, result.output
-    assert "(0 embedded, 5 reused)" in flat(result.stderr)
+    assert "up to date: the index in service already holds this course (5 passages" in flat(result.stderr)
+    assert (data / "index" / "tiny" / "current").resolve() == before
+
+
+def test_index_build_into_another_courses_index_needs_replace(env, tmp_path):
+    _, data = env
+    other = write_course(tmp_path / "other", {**TINY_COURSE, "course.yaml": "id: other\ntitle: Other\n"})
+    theirs = data / "index" / "tiny"
+    refused = run("index", "build", "--course", str(other), "--index", str(theirs))
+    assert refused.exit_code == 1
+    assert "is for course 'tiny', not 'other', and was left as it is" in flat(refused.stderr)
+    assert "Traceback" not in refused.output
+    searched = run("search", "what is LoRA", "--course", str(other), "--index", str(theirs))
+    assert searched.exit_code == 1 and "--replace" in flat(searched.stderr)
+    assert json.loads(run("index", "info", "--json").stdout)["course_id"] == "tiny"
+    copy = tmp_path / "copy"
+    shutil.copytree(theirs, copy, symlinks=True)
+    replaced = run("index", "build", "--course", str(other), "--index", str(copy), "--replace")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((copy / "current" / "manifest.json").read_text())["course_id"] == "other"
+
+
+def test_index_build_into_a_file_is_one_clear_error(env, tmp_path):
+    course, _ = env
+    (tmp_path / "afile").write_text("x")
+    result = run("index", "build", "--course", str(course), "--index", str(tmp_path / "afile"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot write the index at" in flat(result.stderr) and "Not a directory" in flat(result.stderr)
 
 
 def test_index_info_json(env):
@@ -136,6 +165,11 @@ def test_search_json_is_not_rewritten_by_rich(tmp_path, monkeypatch):
     assert json.loads(result.stdout)[0]["excerpt"] == odd
     table = run("search", "read the paper", "--k", "1")
     assert table.exit_code == 0 and "[the paper](https://example.org/lora)" in table.stdout
+
+
+def test_search_refuses_an_empty_query(env):
+    result = run("search", "  ")
+    assert result.exit_code == 2 and "give something to search for" in flat(result.stderr)
 
 
 # --- eval retrieval ------------------------------------------------------------------------------------
@@ -413,3 +447,30 @@ def test_a_model_that_fails_to_load_gives_one_log_line_and_extractive_answers(en
     msg = errors[0].getMessage()
     assert "answer model unavailable" in msg and "no converted model" in msg and "\n" not in msg
     assert errors[0].exc_info is None  # one clear line, no traceback
+
+
+def test_eval_retrieval_warns_about_labels_the_corpus_cannot_match(env, tmp_path):
+    course, _ = env
+    gt = write_csv(tmp_path / "gt.csv", [
+        {"question": "what is low-rank adaptation?", "filename": "02-lora.txt", "course": "tiny"},
+        {"question": "why freeze early layers", "filename": "lessons/01-basics.md", "course": "tyni"},
+    ])
+    result = run("eval", "retrieval", "--corpus", str(course), "--ground-truth", str(gt), "--json")
+    assert result.exit_code == 0, result.output
+    err = flat(result.stderr)
+    assert "1 question(s) name a source the corpus does not have, counted as misses: '02-lora.txt'" in err
+    assert "did you mean 'lessons/02-lora.txt'" in err
+    assert "1 question(s) name a course the corpus does not have, so they search all courses: 'tyni'" in err
+    assert json.loads(result.stdout)["hit@5"] == 0.5
+
+
+def test_eval_retrieval_with_a_small_k_keeps_hit_at_3_and_5_at_their_own_cut_offs(env, tmp_path):
+    course, _ = env
+    gt = write_csv(tmp_path / "gt.csv", [
+        {"question": "Fine-tuning adapts a pre-trained model with a low learning rate", "filename": "lessons/02-lora.txt"},
+    ])
+    at = {k: json.loads(run("eval", "retrieval", "--corpus", str(course), "--ground-truth", str(gt), "--json",
+                            "--k", str(k)).stdout) for k in (1, 5)}
+    assert at[1]["hit@1"] == at[5]["hit@1"] == 0.0  # the basics lesson answers this one first
+    assert at[1]["hit@5"] == at[5]["hit@5"] == 1.0 and at[1]["hit@3"] == at[5]["hit@3"]
+    assert at[1]["mrr@1"] == 0.0 and at[5]["mrr@5"] == 0.5

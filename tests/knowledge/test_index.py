@@ -17,12 +17,15 @@ from knowledge.course import load_course
 from knowledge.embedder import MINILM_NAME, shared_minilm
 from knowledge.index import (
     FORMAT_VERSION,
+    IndexInUseError,
     IndexMismatchError,
     IndexMissingError,
+    IndexWriteError,
     KnowledgeIndex,
     build_index,
     chunk_phrases,
     content_hash,
+    open_index,
 )
 from knowledge.retriever import Retriever
 from tests.conftest import TINY_COURSE, write_course
@@ -136,13 +139,28 @@ def test_content_hash_is_stable_across_rebuilds(tiny, embedder, built):
 # --- atomic swap --------------------------------------------------------------------------------------
 
 
+def edited_tiny(tmp_path):
+    return load_course(write_course(tmp_path / "edited", {
+        **TINY_COURSE, "lessons/02-lora.txt": "LoRA adds low-rank matrices; the base weights stay frozen.\n",
+    }))
+
+
 def test_current_is_a_relative_symlink_swapped_to_the_new_build(tiny, embedder, tmp_path):
-    first = build_index(tiny, tmp_path, embedder)
-    link = tmp_path / "current"
+    first = build_index(tiny, tmp_path / "idx", embedder)
+    link = tmp_path / "idx" / "current"
     assert link.is_symlink() and not os.readlink(link).startswith("/")  # the folder can be moved
-    second = build_index(tiny, tmp_path, embedder)
+    second = build_index(edited_tiny(tmp_path), tmp_path / "idx", embedder)
     assert second.path != first.path and link.resolve() == second.path
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".current-")]
+    assert not [p for p in (tmp_path / "idx").iterdir() if p.name.startswith(".current-")]
+
+
+def test_an_unchanged_course_keeps_the_index_in_service_and_the_build_before_it(tiny, embedder, tmp_path):
+    first = build_index(tiny, tmp_path / "idx", embedder)
+    second = build_index(edited_tiny(tmp_path), tmp_path / "idx", embedder)
+    before = builds(tmp_path / "idx")
+    again = build_index(edited_tiny(tmp_path), tmp_path / "idx", embedder)
+    assert again.up_to_date and not second.up_to_date and again.path == second.path
+    assert builds(tmp_path / "idx") == before == sorted([first.path.name, second.path.name])
 
 
 def test_failure_mid_save_leaves_the_old_index_in_service(built, tiny, embedder, monkeypatch, tmp_path):
@@ -156,11 +174,8 @@ def test_failure_mid_save_leaves_the_old_index_in_service(built, tiny, embedder,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(faiss, "write_index", disk_full)
-    edited = load_course(write_course(tmp_path / "edited", {
-        **TINY_COURSE, "lessons/02-lora.txt": "LoRA adds low-rank matrices; the base weights stay frozen.\n",
-    }))
-    with pytest.raises(OSError, match="No space left"):
-        build_index(edited, index_dir, embedder)
+    with pytest.raises(IndexWriteError, match=f"cannot write the index at {re.escape(str(index_dir))} .No space left"):
+        build_index(edited_tiny(tmp_path), index_dir, embedder)
     assert (index_dir / "current").resolve() == old_target
     assert builds(index_dir) == before  # no half-written build left behind (no .tmp- folder)
     still = KnowledgeIndex.load(index_dir, embedding_model=embedder.name, course_id="tiny")
@@ -205,7 +220,7 @@ def test_rebuild_reembeds_only_changed_chunks(embedder, tmp_path):
 
     spy.encoded.clear()
     unchanged = build_index(load_course(root), tmp_path / "idx", spy)
-    assert (unchanged.manifest.embedded, unchanged.manifest.reused) == (0, 5)
+    assert unchanged.up_to_date and unchanged.path == first.path
     assert spy.encoded == []
 
     lesson = TINY_COURSE["lessons/01-basics.md"].replace(
@@ -257,12 +272,62 @@ def test_loading_for_another_model_says_how_to_rebuild(built):
     assert "tutorbot index build" in msg
 
 
-def test_loading_for_another_course_says_how_to_rebuild(built):
+def test_loading_for_another_course_says_how_to_replace_it(built):
     _, index_dir = built
-    with pytest.raises(IndexMismatchError) as err:
-        KnowledgeIndex.load(index_dir, course_id="another-course")
+    with pytest.raises(IndexInUseError) as err:
+        KnowledgeIndex.load(index_dir, course_id="another-course", course_dir="courses/other")
     msg = str(err.value)
-    assert "'tiny'" in msg and "'another-course'" in msg and "tutorbot index build" in msg
+    assert "'tiny'" in msg and "'another-course'" in msg
+    assert f"tutorbot index build --course courses/other --index {index_dir} --replace" in msg
+
+
+def test_another_courses_index_is_never_overwritten_unless_asked(tiny, embedder, tmp_path):
+    other = load_course(write_course(tmp_path / "other", {**TINY_COURSE, "course.yaml": "id: other\ntitle: Other\n"}))
+    kept = build_index(tiny, tmp_path / "idx", embedder)
+    spy = CountingEmbedder(embedder)
+    for attempt in (lambda: build_index(other, tmp_path / "idx", spy),
+                    lambda: open_index(other, tmp_path / "idx", spy)):  # what ask, chat, search and the bot call
+        with pytest.raises(IndexInUseError, match="--replace"):
+            attempt()
+    assert spy.encoded == [] and (tmp_path / "idx" / "current").resolve() == kept.path
+    replaced = build_index(other, tmp_path / "idx", spy, replace=True)
+    assert replaced.manifest.course_id == "other" and (replaced.manifest.embedded, replaced.manifest.reused) == (0, 5)
+
+
+def test_open_index_builds_updates_or_serves_as_it_stands(tiny, embedder, tmp_path):
+    said: list[str] = []
+    first = open_index(tiny, tmp_path / "idx", embedder, progress=said.append)
+    assert said == ["Building the search index for Tiny Course (first run only)…"]
+    assert open_index(tiny, tmp_path / "idx", embedder, progress=said.append).path == first.path and len(said) == 1
+    updated = open_index(edited_tiny(tmp_path), tmp_path / "idx", embedder, progress=said.append)
+    assert "course changed" in said[-1] and updated.path != first.path
+    m = json.loads((updated.path / "manifest.json").read_text())
+    m["format_version"] = FORMAT_VERSION - 1
+    (updated.path / "manifest.json").write_text(json.dumps(m))
+    rebuilt = open_index(edited_tiny(tmp_path), tmp_path / "idx", embedder, progress=said.append)
+    assert said[-1].startswith("Rebuilding the search index (the index at") and "rebuild it" not in said[-1]
+    assert rebuilt.manifest.format_version == FORMAT_VERSION
+
+
+def test_an_index_folder_that_cannot_be_written_fails_before_any_embedding(tiny, embedder, tmp_path):
+    spy = CountingEmbedder(embedder)
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(IndexWriteError, match=r"cannot write the index at .*afile.*--index"):
+        build_index(tiny, tmp_path / "afile", spy)
+    assert spy.encoded == []
+
+
+def test_a_copied_index_whose_current_is_a_folder_is_refused_with_what_to_do(tiny, embedder, tmp_path):
+    import shutil
+
+    built_ = build_index(tiny, tmp_path / "idx", embedder)
+    shutil.copytree(tmp_path / "idx", tmp_path / "copy", symlinks=False)  # like cp -rL
+    assert not (tmp_path / "copy" / "current").is_symlink()
+    spy = CountingEmbedder(embedder)
+    with pytest.raises(IndexWriteError, match="is a folder, not the link"):
+        build_index(edited_tiny(tmp_path), tmp_path / "copy", spy)
+    assert spy.encoded == [] and not list((tmp_path / "copy").glob(".current-*"))
+    assert KnowledgeIndex.load(tmp_path / "copy").manifest.content_hash == built_.manifest.content_hash
 
 
 def test_retriever_refuses_an_index_from_another_model(built, embedder):
