@@ -14,6 +14,7 @@ whole (``CourseError`` lists every problem found), so a half-valid course never 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -27,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_FILE_BYTES = 5 * 1024 * 1024  # a lesson or data file larger than this is almost certainly a mistake
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*\r?\n", re.DOTALL)
+FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\n(?:(.*?)\n)?---[ \t]*(?:\n|\Z)", re.DOTALL)  # on \n-only text
+FRONT_MATTER_OPEN_RE = re.compile(r"\A---[ \t]*\n")
 LESSON_SUFFIXES = (".md", ".txt")
 FAQ_SUFFIXES = (".json", ".jsonl", ".csv")
 BUTTON_LABEL_MAX = 80  # Discord's limit on a button label
@@ -147,14 +149,14 @@ class QuizQuestion(_Strict):
 
 
 class Flashcard(_Strict):
-    id: str
+    id: str = Field(min_length=1)
     front: str = Field(min_length=1, max_length=1000)
     back: str = Field(min_length=1, max_length=2000)
     tags: list[str] = Field(default_factory=list)
 
 
 class FaqRecord(_Strict):
-    id: str
+    id: str = Field(min_length=1)
     question: str = Field(min_length=1)
     answer: str = Field(min_length=1)
     section: str = ""
@@ -208,10 +210,25 @@ class Course:
 # --- loading -----------------------------------------------------------------------------------
 
 
+ITEM_NAMES = {"choices": "choice", "questions": "question", "cards": "card", "tags": "tag",
+              "common_mistakes": "common mistake"}
+
+
+def _fmt_loc(loc: tuple) -> str:
+    """pydantic's location, with list positions counted from 1 like every other message ("choice 4")."""
+    parts: list[str] = []
+    for x in loc:
+        if isinstance(x, int) and parts:
+            parts[-1] = f"{ITEM_NAMES.get(parts[-1], parts[-1])} {x + 1}"
+        else:
+            parts.append(str(x))
+    return ".".join(parts)
+
+
 def _fmt_validation(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(record)"
+        loc = _fmt_loc(e["loc"]) or "(record)"
         msg = e["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
@@ -225,17 +242,19 @@ def read_text_file(path: Path, rel: str, problems: list[str]) -> str | None:
         problems.append(f"{rel}: cannot read ({exc.strerror})")
         return None
     if size > MAX_FILE_BYTES:
-        problems.append(f"{rel}: file is {size / 1e6:.1f} MB, over the {MAX_FILE_BYTES // 2**20} MB limit")
+        problems.append(f"{rel}: file is {size / 2**20:.1f} MiB, over the {MAX_FILE_BYTES // 2**20} MiB limit")
         return None
     data = path.read_bytes()
     if b"\x00" in data[:8192]:
         problems.append(f"{rel}: looks like a binary file, expected UTF-8 text")
         return None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = data.decode("utf-8-sig")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        problems.append(f"{rel}: not valid UTF-8 at line {line} (byte {exc.start}); save it as UTF-8")
+        start = exc.start + bom  # a position in the file's bytes, BOM included
+        line = data.count(b"\n", 0, start) + 1
+        problems.append(f"{rel}: not valid UTF-8 at line {line} (byte {start}); save it as UTF-8")
         return None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -272,11 +291,16 @@ def _load_lesson(root: Path, path: Path, problems: list[str]) -> Document | None
         return None
     fm = FrontMatter()
     m = FRONT_MATTER_RE.match(text)
+    if not m and FRONT_MATTER_OPEN_RE.match(text):
+        problems.append(f"{rel}: front matter opened on line 1 is never closed with ---")
+        return None
     if m:
         try:
-            raw = yaml.safe_load(m.group(1)) or {}
+            raw = yaml.safe_load(m.group(1) or "") or {}
         except yaml.YAMLError as exc:
-            problems.append(f"{rel}: malformed front matter: {getattr(exc, 'problem', None) or exc}")
+            mark = getattr(exc, "problem_mark", None)  # counted from line 2 of the file
+            where = f" at line {mark.line + 2}, column {mark.column + 1}" if mark else ""
+            problems.append(f"{rel}: malformed front matter{where}: {getattr(exc, 'problem', None) or exc}")
             return None
         if not isinstance(raw, dict):
             problems.append(f"{rel}: front matter must be a mapping (title, order, tags)")
@@ -315,6 +339,8 @@ def _csv_rows(text: str, rel: str, problems: list[str]) -> list[tuple[str, objec
         if not header or not any(h.strip() for h in header):
             problems.append(f"{rel}: empty CSV; expected a header row (id, question, answer, section)")
             return None
+        if not _csv_header_ok(header, rel, problems):
+            return None
         n = 0
         line = reader.line_num + 1
         for fields in reader:
@@ -329,6 +355,23 @@ def _csv_rows(text: str, rel: str, problems: list[str]) -> list[tuple[str, objec
         problems.append(f"{rel}: line {line}: malformed CSV: {exc} (an unclosed quote?)")
         return None
     return rows
+
+
+def _csv_header_ok(header: list[str], rel: str, problems: list[str]) -> bool:
+    """Field names are case-insensitive, so ``answer,Answer`` is a duplicate (one would silently win)."""
+    names = [h.strip() for h in header]
+    keys = [n.lower() for n in names]
+    dupes = [n for n, k in zip(names, keys, strict=True) if k and keys.count(k) > 1]
+    found = ", ".join(n for n in names if n)
+    if dupes:
+        problems.append(f"{rel}: duplicate column(s) in the header: {', '.join(map(repr, dupes))}")
+    elif "question" not in keys:
+        problems.append(f"{rel}: no 'question' column; found: {found}")
+    elif "answer" not in keys and "text" not in keys:
+        problems.append(f"{rel}: no 'answer' or 'text' column; found: {found}")
+    else:
+        return True
+    return False
 
 
 def _faq_rows(path: Path, rel: str, problems: list[str]) -> list[tuple[str, object]] | None:
@@ -371,19 +414,25 @@ def faq_record_from(row: object, default_id: str) -> FaqRecord:
     if not isinstance(row, dict):
         raise ValueError("record must be an object with question and answer")
     row = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
-    answer = row.get("answer") if row.get("answer") not in (None, "") else row.get("text")
+    for key in ("id", "document", "question", "answer", "text", "section", "course"):
+        value = row.get(key)
+        if isinstance(value, bool | list | dict):  # str() would index "['q1', 'q2']" or "True"
+            kind = "true/false" if isinstance(value, bool) else "a list" if isinstance(value, list) else "an object"
+            raise ValueError(f"{key}: must be text, not {kind}")
+    row = {k: "" if v is None else str(v).strip() for k, v in row.items()}
     return FaqRecord.model_validate(
         {
-            "id": str(row.get("id") or row.get("document") or default_id),
-            "question": str(row.get("question") or "").strip(),
-            "answer": str(answer or "").strip(),
-            "section": str(row.get("section") or "").strip(),
-            "course": str(row.get("course") or "").strip(),
+            "id": row.get("id") or row.get("document") or default_id,
+            "question": row.get("question", ""),
+            "answer": row.get("answer") or row.get("text", ""),
+            "section": row.get("section", ""),
+            "course": row.get("course", ""),
         }
     )
 
 
-def _load_faq(root: Path, path: Path, problems: list[str]) -> list[FaqRecord]:
+def _load_faq(root: Path, path: Path, problems: list[str]) -> list[tuple[str, FaqRecord]]:
+    """The valid records of a FAQ file, each with its label ("record 3 (line 4)")."""
     rel = _rel(root, path)
     rows = _faq_rows(path, rel, problems)
     if rows is None:
@@ -391,7 +440,7 @@ def _load_faq(root: Path, path: Path, problems: list[str]) -> list[FaqRecord]:
     out = []
     for n, (label, row) in enumerate(rows, 1):
         try:
-            out.append(faq_record_from(row, default_id=f"{path.stem}-{n}"))
+            out.append((label, faq_record_from(row, default_id=f"{path.stem}-{n}")))
         except ValidationError as exc:
             problems.append(f"{rel}: {label}: {_fmt_validation(exc)}")
         except ValueError as exc:
@@ -400,6 +449,11 @@ def _load_faq(root: Path, path: Path, problems: list[str]) -> list[FaqRecord]:
 
 
 def _load_items(root: Path, path: Path, schema, key: str, model, problems: list[str]) -> list:
+    return [item for _, item in _load_entries(root, path, schema, key, model, problems)]
+
+
+def _load_entries(root: Path, path: Path, schema, key: str, model, problems: list[str]) -> list[tuple[str, object]]:
+    """The valid entries of a quiz or flashcard file, each with its label ("entry 3")."""
     rel = _rel(root, path)
     data = _load_yaml(path, rel, problems)
     if data is None:
@@ -414,21 +468,23 @@ def _load_items(root: Path, path: Path, schema, key: str, model, problems: list[
     out = []
     for n, item in enumerate(getattr(container, key), 1):
         label = f"entry {n}"
-        if isinstance(item, dict) and item.get("id"):
-            label += f" (id {item['id']})"
+        if isinstance(item, dict) and str(item.get("id") or "").strip():
+            label += f" (id {str(item['id']).strip()})"
         try:
-            out.append(model.model_validate(item))
+            out.append((f"entry {n}", model.model_validate(item)))
         except ValidationError as exc:
             problems.append(f"{rel}: {label}: {_fmt_validation(exc)}")
     return out
 
 
-def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+def course_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files under ``folder`` with these suffixes, sorted; hidden ones are skipped."""
     if not folder.is_dir():
         return []
-    return sorted(
+    return sorted(  # a hidden file, or any file in a hidden folder (.ipynb_checkpoints, .git), is skipped
         p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+        if p.is_file() and p.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -462,22 +518,26 @@ def load_course(course_dir: Path | str) -> Course:
         elif not any(p.startswith("course.yaml") for p in problems):
             problems.append("course.yaml: file is empty (needs id, title, description)")
 
-    documents = [d for p in _files(root / "lessons", LESSON_SUFFIXES) if (d := _load_lesson(root, p, problems))]
+    documents = [d for p in course_files(root / "lessons", LESSON_SUFFIXES) if (d := _load_lesson(root, p, problems))]
     documents.sort(key=lambda d: (d.order, d.source))
 
     faq: list[FaqRecord] = []
     faq_sources: list[str] = []
-    for p in _files(root / "faq", FAQ_SUFFIXES):
-        recs = _load_faq(root, p, problems)
-        faq.extend(recs)
-        faq_sources.extend([_rel(root, p)] * len(recs))
+    faq_labels: list[str] = []
+    for p in course_files(root / "faq", FAQ_SUFFIXES):
+        for label, rec in _load_faq(root, p, problems):
+            faq.append(rec)
+            faq_sources.append(_rel(root, p))
+            faq_labels.append(label)
 
     quizzes: list[QuizQuestion] = []
     quiz_sources: list[str] = []
-    for p in _files(root / "quizzes", (".yaml", ".yml")):
-        qs = load_quiz_file(root, p, problems)
-        quizzes.extend(qs)
-        quiz_sources.extend([_rel(root, p)] * len(qs))
+    quiz_labels: list[str] = []
+    for p in course_files(root / "quizzes", (".yaml", ".yml")):
+        for label, q in _load_entries(root, p, _QuizFile, "questions", QuizQuestion, problems):
+            quizzes.append(q)
+            quiz_sources.append(_rel(root, p))
+            quiz_labels.append(label)
     for q, src in zip(quizzes, quiz_sources, strict=True):
         for i, choice in enumerate(q.choices, 1):
             if len(choice) > BUTTON_LABEL_MAX:  # a quiz choice is a Discord button label
@@ -487,14 +547,18 @@ def load_course(course_dir: Path | str) -> Course:
 
     flashcards: list[Flashcard] = []
     flashcard_sources: list[str] = []
-    for p in _files(root / "flashcards", (".yaml", ".yml")):
-        cards = _load_items(root, p, _FlashcardFile, "cards", Flashcard, problems)
-        flashcards.extend(cards)
-        flashcard_sources.extend([_rel(root, p)] * len(cards))
+    flashcard_labels: list[str] = []
+    for p in course_files(root / "flashcards", (".yaml", ".yml")):
+        for label, card in _load_entries(root, p, _FlashcardFile, "cards", Flashcard, problems):
+            flashcards.append(card)
+            flashcard_sources.append(_rel(root, p))
+            flashcard_labels.append(label)
 
-    _check_unique("quiz question", [(q.id, s) for q, s in zip(quizzes, quiz_sources, strict=True)], problems)
-    _check_unique("FAQ record", [(r.id, s) for r, s in zip(faq, faq_sources, strict=True)], problems)
-    _check_unique("flashcard", list(zip((c.id for c in flashcards), flashcard_sources, strict=True)), problems)
+    _check_unique("quiz question", list(zip((q.id for q in quizzes), quiz_sources, quiz_labels, strict=True)), problems)
+    _check_unique("FAQ record", list(zip((r.id for r in faq), faq_sources, faq_labels, strict=True)), problems)
+    _check_unique(
+        "flashcard", list(zip((c.id for c in flashcards), flashcard_sources, flashcard_labels, strict=True)), problems
+    )
 
     if not documents and not faq:
         problems.append("course has no lessons (lessons/*.md|*.txt) and no FAQ records (faq/*): nothing to teach")
@@ -515,13 +579,16 @@ def load_course(course_dir: Path | str) -> Course:
     )
 
 
-def _check_unique(kind: str, items: list[tuple[str, str]], problems: list[str]) -> None:
-    seen: dict[str, str] = {}
-    for ident, src in items:
-        if ident in seen:
-            problems.append(f"{src}: duplicate {kind} id {ident!r} (also in {seen[ident]})")
+def _check_unique(kind: str, items: list[tuple[str, str, str]], problems: list[str]) -> None:
+    """Items are (id, file, label); a repeat in the same file names both entries or records."""
+    seen: dict[str, tuple[str, str]] = {}
+    for ident, src, label in items:
+        if ident not in seen:
+            seen[ident] = (src, label)
+        elif seen[ident][0] == src:
+            problems.append(f"{src}: duplicate {kind} id {ident!r} in {seen[ident][1]} and {label}")
         else:
-            seen[ident] = src
+            problems.append(f"{src}: duplicate {kind} id {ident!r} (also in {seen[ident][0]})")
 
 
 def faq_course_from_json(path: Path | str, course_id: str = "faq") -> Course:
@@ -529,10 +596,11 @@ def faq_course_from_json(path: Path | str, course_id: str = "faq") -> Course:
     path = Path(path).resolve()
     problems: list[str] = []
     rows = _faq_rows(path, path.name, problems)
-    records = []
+    records, labels = [], []
     for n, (label, row) in enumerate(rows or [], 1):
         try:
             records.append(faq_record_from(row, default_id=f"{path.stem}-{n}"))
+            labels.append(label)
         except ValidationError as exc:
             problems.append(f"{path.name}: {label}: {_fmt_validation(exc)}")
         except ValueError as exc:
@@ -544,7 +612,7 @@ def faq_course_from_json(path: Path | str, course_id: str = "faq") -> Course:
     # Evaluation data is taken as published: a repeated id (one real FAQ has a near-duplicate record)
     # is a warning, and both records count as that one source.
     dupes: list[str] = []
-    _check_unique("FAQ record", [(r.id, path.name) for r in records], dupes)
+    _check_unique("FAQ record", [(r.id, path.name, label) for r, label in zip(records, labels, strict=True)], dupes)
     return Course(
         root=path.parent,
         meta=CourseMeta(id=course_id, title=path.stem),

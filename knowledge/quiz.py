@@ -43,6 +43,7 @@ from knowledge.course import (
     CourseError,
     Flashcard,
     QuizQuestion,
+    course_files,
     load_course,
     load_quiz_file,
     read_text_file,
@@ -1002,13 +1003,7 @@ class BankReport:
 
 
 def quiz_files(course_dir: Path) -> list[Path]:
-    folder = course_dir / "quizzes"
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in (".yaml", ".yml") and not p.name.startswith(".")
-    )
+    return course_files(course_dir / "quizzes", (".yaml", ".yml"))
 
 
 def _entries_one_by_one(path: Path, rel: str, problems: list[str]) -> list[QuizQuestion]:

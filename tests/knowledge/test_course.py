@@ -81,6 +81,17 @@ def test_title_from_first_heading_and_crlf_and_bom(tmp_path):
     assert "\r" not in doc.text and not doc.text.startswith("\ufeff")
 
 
+def test_files_in_hidden_folders_are_ignored(tmp_path):
+    root = broken(tmp_path, {
+        "lessons/.ipynb_checkpoints/01-basics-checkpoint.md": TINY_COURSE["lessons/01-basics.md"],
+        "quizzes/.backup/basics.yaml": TINY_COURSE["quizzes/basics.yaml"],  # would be duplicate ids
+        "faq/.cache/broken.json": "[{]",
+    })
+    c = load_course(root)
+    assert [d.source for d in c.documents] == ["lessons/01-basics.md", "lessons/02-lora.txt"]
+    assert c.quiz_sources == ("quizzes/basics.yaml", "quizzes/basics.yaml") and c.faq == ()
+
+
 def test_course_without_quizzes_loads_with_a_warning(tmp_path):
     root = broken(tmp_path, {}, remove=("quizzes/basics.yaml",))
     c = load_course(root)
@@ -229,6 +240,40 @@ def test_bad_faq_records_name_file_record_and_field(tmp_path, name, content, exp
     assert problem_about(err, f"faq/{name}").startswith(expected)
 
 
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"question": ["q1", "q2"]}, "record 1: question: must be text, not a list"),
+        ({"answer": True}, "record 1: answer: must be text, not true/false"),
+        ({"answer": None, "text": {"x": 1}}, "record 1: text: must be text, not an object"),
+        ({"section": False}, "record 1: section: must be text, not true/false"),
+    ],
+)
+def test_faq_values_that_are_not_text_are_refused(tmp_path, fields, expected):
+    row = {k: v for k, v in {**FAQ_ROWS[0], **fields}.items() if v is not None}
+    err = refused(broken(tmp_path, {"faq/f.json": json.dumps([row])}))
+    assert err.problems == [f"faq/f.json: {expected}"]
+
+
+def test_faq_numeric_id_is_still_accepted(tmp_path):
+    c = load_course(broken(tmp_path, {"faq/f.json": json.dumps([{**FAQ_ROWS[0], "id": 7}])}))
+    assert c.faq[0].id == "7"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("id,question,section\na,q?,s\nb,q2?,s\n", "faq/f.csv: no 'answer' or 'text' column; found: id, question, section"),
+        ("id,answer\na,ans\nb,ans\n", "faq/f.csv: no 'question' column; found: id, answer"),
+        ("id,question,answer,Answer\na,q?,,ans\n", "faq/f.csv: duplicate column(s) in the header: 'answer', 'Answer'"),
+    ],
+    ids=["no-answer-column", "no-question-column", "duplicate-header"],
+)
+def test_faq_csv_header_problems_are_one_line(tmp_path, content, expected):
+    err = refused(broken(tmp_path, {"faq/f.csv": content}))
+    assert err.problems == [expected]
+
+
 # --- empty, binary, non-UTF-8, huge --------------------------------------------------------------
 
 
@@ -282,6 +327,14 @@ def test_non_utf8_file_is_refused_naming_file_and_line(tmp_path):
     assert "not valid UTF-8 at line 4" in msg and "save it as UTF-8" in msg
 
 
+def test_non_utf8_position_after_a_bom_counts_the_real_bytes(tmp_path):
+    root = broken(tmp_path, {})
+    (root / "lessons/03-bom.md").write_bytes(b"\xef\xbb\xbfab\ncd\n\xe9\n")
+    assert problem_about(refused(root), "lessons/03-bom.md") == (
+        "lessons/03-bom.md: not valid UTF-8 at line 3 (byte 9); save it as UTF-8"
+    )
+
+
 def test_non_utf8_faq_csv(tmp_path):
     root = broken(tmp_path, {})
     (root / "faq").mkdir()
@@ -304,7 +357,7 @@ def test_huge_file_is_refused(tmp_path):
         f.write(b"All work and no play. " * (MAX_FILE_BYTES // 22 + 10))
     assert big.stat().st_size > MAX_FILE_BYTES
     msg = problem_about(refused(root), "lessons/03-huge.md")
-    assert "over the 5 MB limit" in msg
+    assert msg == f"lessons/03-huge.md: file is {big.stat().st_size / 2**20:.1f} MiB, over the 5 MiB limit"
 
 
 def test_file_just_under_the_limit_loads(tmp_path):
@@ -369,6 +422,32 @@ def test_bad_front_matter_names_file_and_field(tmp_path, front, expected):
     assert expected in problem_about(err, "lessons/01-basics.md")
 
 
+def test_front_matter_yaml_error_gives_line_and_column_in_the_file(tmp_path):
+    err = refused(broken(tmp_path, {"lessons/01-basics.md": "---\ntitle: Basics\nbad: x: y\n---\n# Basics\n\nText.\n"}))
+    assert problem_about(err, "lessons/01-basics.md") == (
+        "lessons/01-basics.md: malformed front matter at line 3, column 7: mapping values are not allowed here"
+    )
+
+
+def test_unclosed_front_matter_is_refused(tmp_path):
+    err = refused(broken(tmp_path, {"lessons/01-basics.md": "---\ntitle: Basics\n\n# Basics\n\nSome text.\n"}))
+    assert problem_about(err, "lessons/01-basics.md") == (
+        "lessons/01-basics.md: front matter opened on line 1 is never closed with ---"
+    )
+
+
+@pytest.mark.parametrize("content", ["---\ntitle: Only front matter\n---", "---\r\ntitle: Only front matter\r\n---  "])
+def test_front_matter_closed_at_end_of_file_is_front_matter(tmp_path, content):
+    err = refused(broken(tmp_path, {"lessons/03-only.md": content}))
+    assert problem_about(err, "lessons/03-only.md") == "lessons/03-only.md: lesson is empty"
+
+
+def test_empty_front_matter_is_fine(tmp_path):
+    c = load_course(broken(tmp_path, {"lessons/03-empty-fm.md": "---\n---\n# Empty FM\n\nSome text.\n"}))
+    doc = next(d for d in c.documents if d.source == "lessons/03-empty-fm.md")
+    assert doc.title == "Empty FM" and not doc.text.startswith("---")
+
+
 # --- duplicate ids -------------------------------------------------------------------------------
 
 EXTRA_QUIZ = "questions:\n  - id: q1\n    question: Again?\n    choices: [Sure, Nope]\n    answer: Nope\n    explanation: e\n"
@@ -391,6 +470,22 @@ def test_duplicate_flashcard_id_names_both_files(tmp_path):
 def test_duplicate_faq_id_across_files(tmp_path):
     err = refused(broken(tmp_path, {"faq/a.json": json.dumps(FAQ_ROWS[:1]), "faq/b.jsonl": json.dumps(FAQ_ROWS[0])}))
     assert problem_about(err, "faq/b.jsonl") == "faq/b.jsonl: duplicate FAQ record id 'faq-1' (also in faq/a.json)"
+
+
+def test_duplicate_ids_within_one_file_name_both_entries(tmp_path):
+    quizzes = TINY_COURSE["quizzes/basics.yaml"] + EXTRA_QUIZ.removeprefix("questions:\n")
+    cards = "cards:\n" + "".join(f"  - id: {i}\n    front: F\n    back: B\n" for i in ("c1", "c2", "c1"))
+    faq = "id,question,answer\nfaq-1,Q?,A.\nfaq-2,Q2?,A2.\nfaq-1,Q3?,A3.\n"
+    err = refused(broken(tmp_path, {"quizzes/basics.yaml": quizzes, "flashcards/cards.yaml": cards, "faq/f.csv": faq}))
+    assert problem_about(err, "quizzes/basics.yaml") == (
+        "quizzes/basics.yaml: duplicate quiz question id 'q1' in entry 1 and entry 3"
+    )
+    assert problem_about(err, "flashcards/cards.yaml") == (
+        "flashcards/cards.yaml: duplicate flashcard id 'c1' in entry 1 and entry 3"
+    )
+    assert problem_about(err, "faq/f.csv") == (
+        "faq/f.csv: duplicate FAQ record id 'faq-1' in record 1 (line 2) and record 3 (line 4)"
+    )
 
 
 # --- quiz questions ------------------------------------------------------------------------------
@@ -432,6 +527,24 @@ def test_six_choices_of_80_characters_are_fine(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"choices": ["Alpha", 2]}, "entry 1 (id q1): choice 2: Input should be a valid string"),
+        ({"tags": ["ok", 5]}, "entry 1 (id q1): tag 2: Input should be a valid string"),
+        ({"common_mistakes": [None]}, "entry 1 (id q1): common mistake 1: Input should be a valid string"),
+    ],
+)
+def test_list_positions_in_messages_count_from_1(tmp_path, fields, expected):
+    err = refused(broken(tmp_path, {"quizzes/basics.yaml": quiz(**fields)}))
+    assert problem_about(err, "quizzes/basics.yaml") == f"quizzes/basics.yaml: {expected}"
+
+
+def test_quiz_file_entry_of_the_wrong_type_counts_from_1(tmp_path):
+    err = refused(broken(tmp_path, {"quizzes/basics.yaml": "questions:\n  - just a string\n"}))
+    assert problem_about(err, "quizzes/basics.yaml").endswith("(question 1: Input should be a valid dictionary)")
+
+
+@pytest.mark.parametrize(
     ("content", "expected"),
     [
         ("- id: x\n", "expected a mapping with a non-empty 'questions:' list"),
@@ -446,6 +559,14 @@ def test_quiz_file_of_the_wrong_shape(tmp_path, content, expected):
 def test_bad_flashcard_names_entry_and_field(tmp_path):
     err = refused(broken(tmp_path, {"flashcards/cards.yaml": "cards:\n  - id: c1\n    front: F\n"}))
     assert problem_about(err, "flashcards/cards.yaml") == "flashcards/cards.yaml: entry 1 (id c1): back: Field required"
+
+
+@pytest.mark.parametrize("ident", ['""', "'  '"])
+def test_flashcard_with_an_empty_id_is_refused(tmp_path, ident):
+    err = refused(broken(tmp_path, {"flashcards/cards.yaml": f"cards:\n  - id: {ident}\n    front: F\n    back: B\n"}))
+    assert problem_about(err, "flashcards/cards.yaml") == (
+        "flashcards/cards.yaml: entry 1: id: String should have at least 1 character"
+    )
 
 
 # --- refused whole -------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def test_a_broken_bank_is_refused_with_file_and_entry_named(broken_course):
     assert "quizzes/bad.yaml: entry 4 (id q4)" in errors and "duplicated choice" in errors
     assert "quizzes/bad.yaml: question q5: choice 1 is 81 characters" in errors
     assert "quizzes/bad.yaml: entry 7: expected a mapping" in errors
-    assert "quizzes/bad.yaml: entry 8 (id q8): choices.0: Input should be a valid string" in errors
+    assert "quizzes/bad.yaml: entry 8 (id q8): choice 1: Input should be a valid string" in errors
     assert "quizzes/dupe.yaml: question ok1: duplicate question id (also in quizzes/bad.yaml)" in errors
     assert "quizzes/malformed.yaml: malformed YAML at line" in errors
     assert "quizzes/empty.yaml: file is empty" in errors
@@ -97,6 +97,16 @@ def test_lint_still_works_when_the_course_itself_is_broken(tmp_path):
     assert report.errors == [] and report.questions == 1
     assert any(w.startswith("course: course.yaml") for w in report.warnings)
     assert any("only 1 valid question" in w for w in report.warnings)
+
+
+def test_lint_skips_quiz_files_in_hidden_folders_as_the_course_loader_does(tmp_path):
+    course = write_course(tmp_path / "c", {
+        "course.yaml": "id: c\ntitle: C\n",
+        "quizzes/a.yaml": BROKEN["quizzes/dupe.yaml"],
+        "quizzes/.backup/a.yaml": BROKEN["quizzes/dupe.yaml"],  # an editor's or git's copy
+    })
+    report = lint_quiz_bank(course)
+    assert report.files == 1 and report.errors == [] and report.questions == 1
 
 
 def test_missing_course_or_bank(tmp_path):
