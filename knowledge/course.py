@@ -284,7 +284,7 @@ def _title_from(text: str, path: Path) -> str:
     return path.stem.replace("-", " ").replace("_", " ").strip().title()
 
 
-def _load_lesson(root: Path, path: Path, problems: list[str]) -> Document | None:
+def _load_lesson(root: Path, path: Path, problems: list[str], warnings: list[str] | None = None) -> Document | None:
     rel = _rel(root, path)
     text = read_text_file(path, rel, problems)
     if text is None:
@@ -318,6 +318,7 @@ def _load_lesson(root: Path, path: Path, problems: list[str]) -> Document | None
     if fmt == "markdown" and not re.sub(r"(?m)^#{1,6}[ \t]+.*$", "", text).strip():
         problems.append(f"{rel}: lesson has headings but no text under them")
         return None
+    text = _without_embedded_images(text, rel, warnings)
     return Document(
         source=rel,
         title=fm.title or _title_from(text, path),
@@ -326,6 +327,21 @@ def _load_lesson(root: Path, path: Path, problems: list[str]) -> Document | None
         tags=tuple(fm.tags),
         format=fmt,
     )
+
+
+_EMBEDDED_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(\s*data:[^)]*\)|<img\b[^>]*\bsrc=[\"']?data:[^>]*>", re.IGNORECASE)
+
+
+def _without_embedded_images(text: str, rel: str, warnings: list[str] | None) -> str:
+    """Images pasted into a lesson as data: URIs are kilobytes of base64 that nobody asks about and
+    no embedder can read: each becomes its alt text, with a warning saying where it was."""
+    def drop(m: re.Match) -> str:
+        if warnings is not None:
+            line = text.count("\n", 0, m.start()) + 1
+            warnings.append(f"{rel}: line {line}: an embedded image ({len(m[0]) // 1024 or 1} KiB data: URI) "
+                            "was left out, the tutor reads text only; link the image file instead")
+        return f"(image: {m[1].strip()})" if m[1] and m[1].strip() else ""
+    return _EMBEDDED_IMAGE.sub(drop, text)
 
 
 def _csv_rows(text: str, rel: str, problems: list[str]) -> list[tuple[str, object]] | None:
@@ -518,7 +534,8 @@ def load_course(course_dir: Path | str) -> Course:
         elif not any(p.startswith("course.yaml") for p in problems):
             problems.append("course.yaml: file is empty (needs id, title, description)")
 
-    documents = [d for p in course_files(root / "lessons", LESSON_SUFFIXES) if (d := _load_lesson(root, p, problems))]
+    documents = [d for p in course_files(root / "lessons", LESSON_SUFFIXES)
+                 if (d := _load_lesson(root, p, problems, warnings))]
     documents.sort(key=lambda d: (d.order, d.source))
 
     faq: list[FaqRecord] = []

@@ -583,3 +583,17 @@ def test_every_problem_is_listed_and_nothing_half_loads(tmp_path):
     assert {"quizzes/basics.yaml", "faq/f.json", "lessons/03-empty.md"} <= named
     assert f"({len(err.problems)} problem(s))" in str(err)
     assert err.course_dir == root.resolve()
+
+
+def test_an_image_pasted_as_a_data_uri_is_left_out_with_a_warning(tmp_path):
+    blob = "iVBORw0KGgo" + "A" * 60_000
+    root = write_course(tmp_path / "c", {
+        **TINY_COURSE,
+        "lessons/03-figure.md": f"# Figure\n\nThe loss curve:\n\n![loss curve]({'data:image/png;base64,' + blob})\n\n"
+                                f'Raw HTML too: <img src="data:image/png;base64,{blob}">\n',
+    })
+    course = load_course(root)
+    doc = next(d for d in course.documents if d.source == "lessons/03-figure.md")
+    assert "base64" not in doc.text and "(image: loss curve)" in doc.text and "Raw HTML too:" in doc.text
+    found = [w for w in course.warnings if "embedded image" in w]
+    assert len(found) == 2 and found[0].startswith("lessons/03-figure.md: line 5: an embedded image (58 KiB")
