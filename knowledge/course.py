@@ -494,12 +494,12 @@ def _load_entries(root: Path, path: Path, schema, key: str, model, problems: lis
 
 
 def course_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """The files under ``folder`` with these suffixes, sorted; hidden ones are skipped."""
+    """The files under ``folder`` with these suffixes (any, for none), sorted; hidden ones are skipped."""
     if not folder.is_dir():
         return []
     return sorted(  # a hidden file, or any file in a hidden folder (.ipynb_checkpoints, .git), is skipped
         p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in suffixes
+        if p.is_file() and (p.suffix.lower() in suffixes or not suffixes)
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
@@ -536,6 +536,9 @@ def load_course(course_dir: Path | str) -> Course:
 
     documents = [d for p in course_files(root / "lessons", LESSON_SUFFIXES)
                  if (d := _load_lesson(root, p, problems, warnings))]
+    for p in course_files(root / "lessons", ()):
+        if p.suffix.lower() in (".markdown", ".mdown", ".mkd", ".rst", ".text", ".html", ".htm"):
+            warnings.append(f"{_rel(root, p)}: not read: lessons are .md or .txt files (rename it to read it)")
     documents.sort(key=lambda d: (d.order, d.source))
 
     faq: list[FaqRecord] = []

@@ -597,3 +597,12 @@ def test_an_image_pasted_as_a_data_uri_is_left_out_with_a_warning(tmp_path):
     assert "base64" not in doc.text and "(image: loss curve)" in doc.text and "Raw HTML too:" in doc.text
     found = [w for w in course.warnings if "embedded image" in w]
     assert len(found) == 2 and found[0].startswith("lessons/03-figure.md: line 5: an embedded image (58 KiB")
+
+
+def test_a_lesson_with_another_text_suffix_is_named_in_a_warning(tmp_path):
+    root = write_course(tmp_path / "c", {**TINY_COURSE, "lessons/03-extra.markdown": "# Extra\n\nNot read.\n",
+                                         "lessons/figure.png": "not text"})
+    course = load_course(root)
+    assert [d.source for d in course.documents] == ["lessons/01-basics.md", "lessons/02-lora.txt"]
+    assert "lessons/03-extra.markdown: not read: lessons are .md or .txt files (rename it to read it)" in course.warnings
+    assert not any("figure.png" in w for w in course.warnings)  # images beside lessons are fine
