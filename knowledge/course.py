@@ -284,6 +284,11 @@ def _title_from(text: str, path: Path) -> str:
     return path.stem.replace("-", " ").replace("_", " ").strip().title()
 
 
+def _gather(root: Path, folder: str, load) -> list[tuple]:
+    """(item, file relative to the course, label) for every valid entry of every YAML file in ``folder``."""
+    return [(item, _rel(root, p), label) for p in course_files(root / folder, (".yaml", ".yml")) for label, item in load(p)]
+
+
 def _load_lesson(root: Path, path: Path, problems: list[str], warnings: list[str] | None = None) -> Document | None:
     rel = _rel(root, path)
     text = read_text_file(path, rel, problems)
@@ -550,14 +555,9 @@ def load_course(course_dir: Path | str) -> Course:
             faq_sources.append(_rel(root, p))
             faq_labels.append(label)
 
-    quizzes: list[QuizQuestion] = []
-    quiz_sources: list[str] = []
-    quiz_labels: list[str] = []
-    for p in course_files(root / "quizzes", (".yaml", ".yml")):
-        for label, q in _load_entries(root, p, _QuizFile, "questions", QuizQuestion, problems):
-            quizzes.append(q)
-            quiz_sources.append(_rel(root, p))
-            quiz_labels.append(label)
+    quiz_found = _gather(root, "quizzes", lambda p: _load_entries(root, p, _QuizFile, "questions", QuizQuestion, problems))
+    quizzes: list[QuizQuestion] = [q for q, _, _ in quiz_found]
+    quiz_sources = [src for _, src, _ in quiz_found]
     for q, src in zip(quizzes, quiz_sources, strict=True):
         for i, choice in enumerate(q.choices, 1):
             if len(choice) > BUTTON_LABEL_MAX:  # a quiz choice is a Discord button label
@@ -565,20 +565,12 @@ def load_course(course_dir: Path | str) -> Course:
                     f"{src}: question {q.id}: choice {i} is {len(choice)} characters, over the {BUTTON_LABEL_MAX} limit"
                 )
 
-    flashcards: list[Flashcard] = []
-    flashcard_sources: list[str] = []
-    flashcard_labels: list[str] = []
-    for p in course_files(root / "flashcards", (".yaml", ".yml")):
-        for label, card in _load_entries(root, p, _FlashcardFile, "cards", Flashcard, problems):
-            flashcards.append(card)
-            flashcard_sources.append(_rel(root, p))
-            flashcard_labels.append(label)
+    cards_found = _gather(root, "flashcards", lambda p: _load_entries(root, p, _FlashcardFile, "cards", Flashcard, problems))
+    flashcards: list[Flashcard] = [c for c, _, _ in cards_found]
 
-    _check_unique("quiz question", list(zip((q.id for q in quizzes), quiz_sources, quiz_labels, strict=True)), problems)
+    _check_unique("quiz question", [(q.id, src, label) for q, src, label in quiz_found], problems)
     _check_unique("FAQ record", list(zip((r.id for r in faq), faq_sources, faq_labels, strict=True)), problems)
-    _check_unique(
-        "flashcard", list(zip((c.id for c in flashcards), flashcard_sources, flashcard_labels, strict=True)), problems
-    )
+    _check_unique("flashcard", [(c.id, src, label) for c, src, label in cards_found], problems)
 
     if not documents and not faq:
         problems.append("course has no lessons (lessons/*.md|*.txt) and no FAQ records (faq/*): nothing to teach")
