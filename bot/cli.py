@@ -324,7 +324,7 @@ def ask(
                 if as_json:
                     print_json_line(answer_json(a))
                 else:
-                    out.rule(a.question[:80])
+                    out.rule(escape(a.question[:80]), characters="─")  # a question is never markup
                     print_answer(a)
     finally:
         rt.close()

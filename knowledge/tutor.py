@@ -102,11 +102,16 @@ _ZERO_WIDTH = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 # No \b after everyone/here: Discord pings "@here_" and "@everyone's" too.
 _MENTION = re.compile(r"<@[!&]?\d+>|<#\d+>|@(?:everyone|here)", re.IGNORECASE)
 _CODE_FENCE = re.compile(r"```(?:\w+\n)?(.*?)```", re.DOTALL)
+# Aimed at the bot, not at the course: "forget the previous knowledge" (catastrophic forgetting),
+# "dropout acts as a regulariser" and "say the lr should be 10 times smaller" are course questions.
 _INJECTION = re.compile(
-    r"\b(ignore|disregard|forget)\b.{0,40}\b(instructions?|rules|prompt|above|previous)\b"
-    r"|\byou are now\b|\bact as\b|\bpretend (to be|you)\b|\bjailbreak\b|\bDAN\b"
+    r"\b(ignore|disregard|forget)\b.{0,40}\b(instructions?|rules|prompts?|above"
+    r"|(previous|prior|earlier|all|your) (messages?|context|conversation|orders|commands))\b"
+    r"|\byou are now\b|(?:^|[.!?,;:]\s*|\b(?:you|please|now|want you to)\s+)act as\b"
+    r"|\bpretend (to be|you)\b|\bjailbreak\b|(?-i:\bDAN\b)"
     r"|\b(system|hidden|initial) prompt\b|\bdeveloper mode\b"
-    r"|\bsay\b[^.?!]{0,60}\b(\d+|two|three|five|ten|twenty|hundred|many) times\b|\brepeat after me\b",
+    r"|\bsay\b[^.?!]{0,60}\b(\d+|two|three|five|ten|twenty|hundred|many) times\b"
+    r"(?!\s+(smaller|larger|bigger|lower|higher|more|less|faster|slower|as)\b)|\brepeat after me\b",
     re.IGNORECASE,
 )
 _FOLLOWUP = re.compile(
@@ -132,9 +137,11 @@ def clean_question(text: str, max_chars: int) -> tuple[str, list[str]]:
     notices: list[str] = []
     text = unicodedata.normalize("NFKC", text or "")
     text = _ZERO_WIDTH.sub("", text)
+    # Every invisible character goes before mentions are looked for: "@\u00adeveryone" (soft hyphen)
+    # or "<@\u061c123>" (Arabic letter mark) would otherwise survive as a mention once it is removed.
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
     text = _CODE_FENCE.sub(lambda m: m.group(1), text)
     text = _MENTION.sub(" ", text)
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
     text = " ".join(text.split())
     if len(text) > max_chars:
         cut = text[:max_chars].rsplit(" ", 1)[0] or text[:max_chars]

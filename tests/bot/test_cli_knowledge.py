@@ -474,3 +474,11 @@ def test_eval_retrieval_with_a_small_k_keeps_hit_at_3_and_5_at_their_own_cut_off
     assert at[1]["hit@1"] == at[5]["hit@1"] == 0.0  # the basics lesson answers this one first
     assert at[1]["hit@5"] == at[5]["hit@5"] == 1.0 and at[1]["hit@3"] == at[5]["hit@3"]
     assert at[1]["mrr@1"] == 0.0 and at[5]["mrr@5"] == 0.5
+
+
+def test_ask_batch_text_output_shows_questions_that_look_like_markup_as_they_are(env, tmp_path):
+    batch = tmp_path / "q.txt"
+    batch.write_text("what is [/] fine-tuning?\nwhat is [bold]LoRA[/bold]?\n", encoding="utf-8")
+    result = run("ask", "--batch", str(batch))
+    assert result.exit_code == 0, result.output
+    assert "what is [/] fine-tuning?" in result.stdout and "what is [bold]LoRA[/bold]?" in result.stdout

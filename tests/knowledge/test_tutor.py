@@ -167,6 +167,20 @@ def test_declines_instructions_aimed_at_the_bot(tutor, course, retriever, messag
     assert gen.requests == []  # the model never sees it
 
 
+@pytest.mark.parametrize(
+    "question",
+    [
+        "does fine-tuning make the model forget the previous knowledge?",  # catastrophic forgetting
+        "how does dropout act as a regulariser?",
+        "Why do we say the learning rate should be 10 times smaller for fine-tuning?",
+    ],
+)
+def test_course_questions_that_sound_like_instructions_are_answered(ask, question):
+    a = ask(question)
+    assert a.answered, a.text
+    assert not a.text.startswith("I can only help")
+
+
 # --- bad input (issue 3) -----------------------------------------------------------------------------------
 
 
@@ -276,6 +290,8 @@ MENTIONS = [
     "@here_ what is fine-tuning?",  # no word boundary after the mention: Discord still pings
     "what is fine-tuning?@everyone's",
     "<<@123>@everyone> what is fine-tuning?",
+    "@\u00adeveryone what is fine-tuning?",  # soft hyphen, invisible: removed before mentions are looked for
+    "<@\u061c123> what is fine-tuning?",  # Arabic letter mark inside a user mention
 ]
 
 
