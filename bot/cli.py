@@ -384,7 +384,7 @@ def _db(action, done: str | None) -> None:
     import asyncio
 
     from knowledge.store import migrate
-    from knowledge.store.db import create_engine, redact_url
+    from knowledge.store.db import DatabaseError, create_engine, redact_url
 
     s = settings()
     url = s.resolved_database_url
@@ -398,6 +398,8 @@ def _db(action, done: str | None) -> None:
 
     try:
         asyncio.run(go())
+    except DatabaseError as exc:
+        raise fail(str(exc)) from None
     except (OSError, ConnectionError) as exc:
         raise fail(f"cannot reach the database at {redact_url(url)}: {exc}") from None
     except Exception as exc:

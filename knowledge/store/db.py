@@ -19,7 +19,7 @@ class DatabaseError(RuntimeError):
 
 def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     """Create an async engine. SQLite gets WAL, foreign keys and a busy timeout; its folder is created."""
-    parsed = make_url(url)
+    parsed = parse_url(url)
     kwargs: dict = {"echo": echo}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -27,7 +27,10 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
         kwargs["connect_args"] = {"timeout": 30}
     else:
         kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
-    engine = create_async_engine(url, **kwargs)
+    try:
+        engine = create_async_engine(url, **kwargs)
+    except (sa_exc.ArgumentError, ImportError) as exc:  # an unknown dialect or driver
+        raise DatabaseError(f"cannot use the database URL {redact_url(url)}: {exc}; {_URL_HINT}") from exc
     if parsed.get_backend_name() == "sqlite":
         folder = Path(parsed.database).parent if parsed.database and parsed.database != ":memory:" else None
 
@@ -57,9 +60,25 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+_URL_HINT = ("set TUTORBOT_DATABASE_URL to e.g. sqlite+aiosqlite:///data/tutorbot.db "
+             "or postgresql+asyncpg://user:password@host:5432/dbname")
+
+
+def parse_url(url: str):
+    """The parsed URL; DatabaseError (naming the setting) when it is not one."""
+    try:
+        return make_url(url)
+    except sa_exc.ArgumentError as exc:
+        raise DatabaseError(f"{redact_url(url)!r} is not a database URL; {_URL_HINT}") from exc
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password hidden, for logs and status output."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL with any password hidden, for logs and status output (an unparsable one shown as a
+    placeholder, since it may hold a password in a shape we cannot find)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sa_exc.ArgumentError:
+        return "(unparsable URL)" if "@" in url or ":" in url else url
 
 
 def is_unavailable(exc: BaseException) -> bool:

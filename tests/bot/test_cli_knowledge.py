@@ -429,6 +429,17 @@ def test_db_upgrade_on_an_unreachable_database(tmp_path, monkeypatch):
     assert "cannot reach the database" in flat(result.stderr) and "secret" not in result.stderr
 
 
+@pytest.mark.parametrize(("url", "says"), [
+    ("notaurl", "'notaurl' is not a database URL; set TUTORBOT_DATABASE_URL to e.g. sqlite+aiosqlite:///"),
+    ("foo://x", "cannot use the database URL foo://x: Can't load plugin: sqlalchemy.dialects:foo"),
+])
+def test_a_malformed_database_url_is_one_error_line(monkeypatch, url, says):
+    monkeypatch.setenv("TUTORBOT_DATABASE_URL", url)
+    result = run("db", "current")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert says in flat(result.stderr)
+
+
 @pytest.mark.allow_error_logs
 def test_a_model_that_fails_to_load_gives_one_log_line_and_extractive_answers(env, monkeypatch, caplog):
     import bot.runtime
