@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from rich.console import Console
@@ -112,6 +113,9 @@ def run_chat(rt, out: Console) -> None:
         if cmd[0] == "/quiz":
             n = int(cmd[1]) if len(cmd) > 1 and cmd[1].isdigit() else None
             run_quiz(tutor.course, out, interactive, max(1, min(n, 25)) if n else None, settings=rt.settings)
+            continue
+        if re.fullmatch(r"/[a-z]+", cmd[0]):  # "/foo": a mistyped command, not a question about the course
+            out.print(f"Unknown command {cmd[0]}: the commands are /quiz [N], /help and /quit.", highlight=False, markup=False)
             continue
         a = tutor.answer(q, history=history[-4:])
         if not interactive:

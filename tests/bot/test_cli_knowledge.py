@@ -493,3 +493,10 @@ def test_ask_batch_text_output_shows_questions_that_look_like_markup_as_they_are
     result = run("ask", "--batch", str(batch))
     assert result.exit_code == 0, result.output
     assert "what is [/] fine-tuning?" in result.stdout and "what is [bold]LoRA[/bold]?" in result.stdout
+
+
+def test_chat_names_an_unknown_command_instead_of_answering_it(env):
+    result = run("chat", "--mode", "extractive", input="/foo\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert "Unknown command /foo: the commands are /quiz [N], /help and /quit." in result.stdout
+    assert "course doesn't cover" not in result.stdout
