@@ -32,6 +32,7 @@ FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\n(?:(.*?)\n)?---[ \t]*(?:\n|\Z)", re.
 FRONT_MATTER_OPEN_RE = re.compile(r"\A---[ \t]*\n")
 LESSON_SUFFIXES = (".md", ".txt")
 FAQ_SUFFIXES = (".json", ".jsonl", ".csv")
+YAML_SUFFIXES = (".yaml", ".yml")
 BUTTON_LABEL_MAX = 80  # Discord's limit on a button label
 
 
@@ -284,9 +285,9 @@ def _title_from(text: str, path: Path) -> str:
     return path.stem.replace("-", " ").replace("_", " ").strip().title()
 
 
-def _gather(root: Path, folder: str, load) -> list[tuple]:
-    """(item, file relative to the course, label) for every valid entry of every YAML file in ``folder``."""
-    return [(item, _rel(root, p), label) for p in course_files(root / folder, (".yaml", ".yml")) for label, item in load(p)]
+def _gather(root: Path, folder: str, suffixes: tuple[str, ...], load) -> list[tuple]:
+    """(item, file relative to the course, label) for every valid entry of every file in ``folder``."""
+    return [(item, _rel(root, p), label) for p in course_files(root / folder, suffixes) for label, item in load(p)]
 
 
 def _load_lesson(root: Path, path: Path, problems: list[str], warnings: list[str] | None = None) -> Document | None:
@@ -539,37 +540,33 @@ def load_course(course_dir: Path | str) -> Course:
         elif not any(p.startswith("course.yaml") for p in problems):
             problems.append("course.yaml: file is empty (needs id, title, description)")
 
-    documents = [d for p in course_files(root / "lessons", LESSON_SUFFIXES)
-                 if (d := _load_lesson(root, p, problems, warnings))]
+    documents = []
     for p in course_files(root / "lessons", ()):
-        if p.suffix.lower() in (".markdown", ".mdown", ".mkd", ".rst", ".text", ".html", ".htm"):
+        if p.suffix.lower() in LESSON_SUFFIXES:
+            if d := _load_lesson(root, p, problems, warnings):
+                documents.append(d)
+        elif p.suffix.lower() in (".markdown", ".mdown", ".mkd", ".rst", ".text", ".html", ".htm"):
             warnings.append(f"{_rel(root, p)}: not read: lessons are .md or .txt files (rename it to read it)")
     documents.sort(key=lambda d: (d.order, d.source))
 
-    faq: list[FaqRecord] = []
-    faq_sources: list[str] = []
-    faq_labels: list[str] = []
-    for p in course_files(root / "faq", FAQ_SUFFIXES):
-        for label, rec in _load_faq(root, p, problems):
-            faq.append(rec)
-            faq_sources.append(_rel(root, p))
-            faq_labels.append(label)
+    faq_found = _gather(root, "faq", FAQ_SUFFIXES, lambda p: _load_faq(root, p, problems))
+    faq: list[FaqRecord] = [r for r, _, _ in faq_found]
 
-    quiz_found = _gather(root, "quizzes", lambda p: _load_entries(root, p, _QuizFile, "questions", QuizQuestion, problems))
+    quiz_found = _gather(root, "quizzes", YAML_SUFFIXES,
+                         lambda p: _load_entries(root, p, _QuizFile, "questions", QuizQuestion, problems))
     quizzes: list[QuizQuestion] = [q for q, _, _ in quiz_found]
-    quiz_sources = [src for _, src, _ in quiz_found]
-    for q, src in zip(quizzes, quiz_sources, strict=True):
+    for q, src, _ in quiz_found:
         for i, choice in enumerate(q.choices, 1):
             if len(choice) > BUTTON_LABEL_MAX:  # a quiz choice is a Discord button label
                 problems.append(
                     f"{src}: question {q.id}: choice {i} is {len(choice)} characters, over the {BUTTON_LABEL_MAX} limit"
                 )
 
-    cards_found = _gather(root, "flashcards", lambda p: _load_entries(root, p, _FlashcardFile, "cards", Flashcard, problems))
+    cards_found = _gather(root, "flashcards", YAML_SUFFIXES, lambda p: _load_entries(root, p, _FlashcardFile, "cards", Flashcard, problems))
     flashcards: list[Flashcard] = [c for c, _, _ in cards_found]
 
     _check_unique("quiz question", [(q.id, src, label) for q, src, label in quiz_found], problems)
-    _check_unique("FAQ record", list(zip((r.id for r in faq), faq_sources, faq_labels, strict=True)), problems)
+    _check_unique("FAQ record", [(r.id, src, label) for r, src, label in faq_found], problems)
     _check_unique("flashcard", [(c.id, src, label) for c, src, label in cards_found], problems)
 
     if not documents and not faq:
@@ -583,9 +580,9 @@ def load_course(course_dir: Path | str) -> Course:
         meta=meta,
         documents=tuple(documents),
         faq=tuple(faq),
-        faq_sources=tuple(faq_sources),
+        faq_sources=tuple(src for _, src, _ in faq_found),
         quizzes=tuple(quizzes),
-        quiz_sources=tuple(quiz_sources),
+        quiz_sources=tuple(src for _, src, _ in quiz_found),
         flashcards=tuple(flashcards),
         warnings=tuple(warnings),
     )

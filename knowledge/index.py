@@ -52,7 +52,11 @@ class IndexMissingError(IndexError_):
 
 
 class IndexMismatchError(IndexError_):
-    pass
+    """The index cannot serve as it is (damaged, another format or model) and must be rebuilt."""
+
+    def __init__(self, reason: str, hint: str = "rebuild it with `tutorbot index build`"):
+        super().__init__(f"{reason}; {hint}")
+        self.reason = reason  # without the hint, for when a rebuild is already under way
 
 
 class IndexWriteError(IndexError_):
@@ -249,14 +253,15 @@ class KnowledgeIndex:
             raw = json.loads((current / "manifest.json").read_text(encoding="utf-8"))
             manifest = IndexManifest(**raw)
         except (ValueError, TypeError) as exc:
-            raise IndexMismatchError(f"the index manifest at {current} is unreadable ({exc}); {_rebuild_hint(course_dir, index_dir)}") from exc
+            raise IndexMismatchError(f"the index manifest at {current} is unreadable ({exc})", _rebuild_hint(course_dir, index_dir)) from exc
+        hint = _rebuild_hint(course_dir or manifest.course_dir, index_dir)
         if manifest.format_version != FORMAT_VERSION:
             raise IndexMismatchError(
-                f"the index at {index_dir} has format {manifest.format_version}, this tutorbot reads {FORMAT_VERSION}; {_rebuild_hint(course_dir or manifest.course_dir, index_dir)}"
+                f"the index at {index_dir} has format {manifest.format_version}, this tutorbot reads {FORMAT_VERSION}", hint
             )
         if embedding_model and manifest.embedding_model != embedding_model:
             raise IndexMismatchError(
-                f"the index at {index_dir} was built with {manifest.embedding_model}, not {embedding_model}; {_rebuild_hint(course_dir or manifest.course_dir, index_dir)}"
+                f"the index at {index_dir} was built with {manifest.embedding_model}, not {embedding_model}", hint
             )
         if course_id and manifest.course_id != course_id:
             raise IndexInUseError(_in_use(index_dir, manifest, course_id, course_dir))
@@ -268,9 +273,9 @@ class KnowledgeIndex:
             bm25 = bm25s.BM25.load(str(current / "bm25"))
             phrases = bm25s.BM25.load(str(current / "bm25_phrases"))
         except (OSError, ValueError, TypeError, RuntimeError) as exc:
-            raise IndexMismatchError(f"the index at {index_dir} is damaged ({exc}); {_rebuild_hint(course_dir or manifest.course_dir, index_dir)}") from exc
+            raise IndexMismatchError(f"the index at {index_dir} is damaged ({exc})", hint) from exc
         if len(chunks) != manifest.chunk_count or vectors.shape != (manifest.chunk_count, manifest.dim) or dense.ntotal != len(chunks):
-            raise IndexMismatchError(f"the index at {index_dir} is inconsistent; {_rebuild_hint(course_dir or manifest.course_dir, index_dir)}")
+            raise IndexMismatchError(f"the index at {index_dir} is inconsistent", hint)
         idx = cls(manifest, chunks, vectors, dense, bm25, phrases)
         idx.path = current
         return idx
@@ -348,8 +353,6 @@ def open_index(
     use, updated when the course changed, rebuilt when it is damaged, in an older format or from
     another model. ``progress`` (a callable taking one line) hears why a build happens. Another
     course's index in the folder is refused (IndexInUseError), never overwritten."""
-    from knowledge.chunking import chunk_course
-
     say = progress or (lambda _line: None)
     index_dir = Path(index_dir)
     try:
@@ -359,8 +362,6 @@ def open_index(
         say("The course changed since its index was built; updating the index…")
     except IndexMissingError:
         say(f"Building the search index for {course.title} (first run only)…")
-    except IndexInUseError:
-        raise
-    except IndexError_ as exc:
-        say(f"Rebuilding the search index ({exc.args[0].split('; rebuild')[0]})…")
+    except IndexMismatchError as exc:  # another course's index (IndexInUseError) is not rebuilt over
+        say(f"Rebuilding the search index ({exc.reason})…")
     return build_index(course, index_dir, embedder, show_progress=show_progress)

@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from knowledge.course import (
     BUTTON_LABEL_MAX,
+    YAML_SUFFIXES,
     Course,
     CourseError,
     Flashcard,
@@ -1003,7 +1004,7 @@ class BankReport:
 
 
 def quiz_files(course_dir: Path) -> list[Path]:
-    return course_files(course_dir / "quizzes", (".yaml", ".yml"))
+    return course_files(course_dir / "quizzes", YAML_SUFFIXES)
 
 
 def _entries_one_by_one(path: Path, rel: str, problems: list[str]) -> list[QuizQuestion]:

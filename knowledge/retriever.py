@@ -81,8 +81,7 @@ class Retriever:
             from knowledge.index import IndexMismatchError
 
             raise IndexMismatchError(
-                f"the index was built with {index.manifest.embedding_model} but the embedder is {embedder.name}; "
-                "rebuild it with `tutorbot index build`"
+                f"the index was built with {index.manifest.embedding_model} but the embedder is {embedder.name}"
             )
         self.index = index
         self.embedder = embedder
