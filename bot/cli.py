@@ -294,6 +294,34 @@ def print_answer(a) -> None:
     out.print(f"[dim]{a.mode}, passage match {a.confidence:.2f}, {a.latency_ms:.0f} ms[/]")
 
 
+def read_batch(batch: Path) -> list[str]:
+    """The lines of a batch file ('-' = stdin), one question each. Blank lines are kept, so the n-th
+    answer is always the n-th line's (a blank line gets the tutor's "ask me a question" reply); a
+    line that is not UTF-8 is read with its bad bytes replaced and named in a warning."""
+    name = "standard input" if str(batch) == "-" else str(batch)
+    try:
+        raw = sys.stdin.buffer.read() if str(batch) == "-" else batch.read_bytes()
+    except OSError as exc:
+        raise fail(f"cannot read {name}: {exc.strerror or exc}") from None
+    if b"\0" in raw[:8192]:
+        raise fail(f"{name} has NUL bytes (a binary or UTF-16 file?); expected UTF-8 text, one question per line", code=2)
+    lines = raw.removeprefix(b"\xef\xbb\xbf").splitlines()
+    if not any(line.strip() for line in lines):
+        raise fail(f"{name} holds no questions; expected one question per line", code=2)
+    questions, bad = [], []
+    for n, line in enumerate(lines, 1):
+        try:
+            questions.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            questions.append(line.decode("utf-8", errors="replace"))
+            bad.append(n)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        console.print(f"[yellow]warning:[/] {escape(name)}: line(s) {shown} are not valid UTF-8; "
+                      "the bytes that are not were replaced with \ufffd", highlight=False)
+    return questions
+
+
 @app.command()
 def ask(
     question: Annotated[str | None, typer.Argument(help="The question.")] = None,
@@ -305,17 +333,13 @@ def ask(
     """Answer one question, or a file of questions (models loaded once; JSON lines out with --json)."""
     if (question is None) == (batch is None):
         raise fail("give a QUESTION or --batch FILE (not both)")
+    qs = None if batch is None else read_batch(batch)  # a bad file fails before the models load
     rt = _runtime(course, mode, quiet=as_json)
     try:
-        if question is not None:
+        if qs is None:
             a = rt.tutor.answer(question)
             print_json_line(answer_json(a)) if as_json else print_answer(a)
             return
-        try:
-            lines = (sys.stdin.read() if str(batch) == "-" else batch.read_text(encoding="utf-8")).splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise fail(f"cannot read {batch}: {exc}") from None
-        qs = [q for q in lines if q.strip()]
         from concurrent.futures import ThreadPoolExecutor
 
         # Concurrent callers let the batching generator answer several questions per model call.
