@@ -16,13 +16,31 @@ HELP = """Ask any question about the course and press Enter.
 
 
 def _read(prompt: str, interactive: bool, out: Console) -> str | None:
+    """The next line, or None at the end of input (Ctrl-D, Ctrl-C or the end of a pipe). Piped
+    input is echoed after the prompt so the transcript reads like a session; a piped line that is
+    not UTF-8 is read with its bad bytes replaced, with a notice, instead of ending the chat."""
     try:
         if interactive:
             return out.input(prompt)
-        line = sys.stdin.readline()
-        return None if line == "" else line.rstrip("\n")
+        stream = getattr(sys.stdin, "buffer", None)
+        raw = stream.readline() if stream is not None else sys.stdin.readline()
     except (EOFError, KeyboardInterrupt):
+        if interactive:
+            out.print()  # the shell's prompt starts on a line of its own
         return None
+    if not raw:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raw = raw.decode("utf-8", errors="replace")
+            out.print("(that line was not valid UTF-8: its unreadable bytes were replaced)", style="yellow")
+    line = raw.rstrip("\r\n")
+    if prompt:
+        out.print(prompt, end="", highlight=False)
+        out.print(line, highlight=False, markup=False)
+    return line
 
 
 def run_quiz(

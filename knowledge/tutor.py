@@ -195,7 +195,7 @@ class Tutor:
     def help_text(self) -> str:
         return (
             f"I'm the tutor for **{self.course.title}**. Ask me about its lessons, for example "
-            "\"what is fine-tuning?\" or \"why use a low learning rate?\", or start a quiz."
+            "\"what is fine-tuning?\" or \"why use a low learning rate?\", or start a quiz with /quiz."
         )
 
     # --- answering ------------------------------------------------------------------------------

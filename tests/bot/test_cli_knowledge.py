@@ -381,6 +381,29 @@ def test_chat_ends_at_end_of_input(env):
     assert "Low-rank adaptation" in result.stdout
 
 
+def test_chat_reads_a_piped_line_that_is_not_utf8(env):
+    result = CliRunner().invoke(app, ["chat", "--mode", "extractive"], input=b"what is Lo\xffRA?\nwhat is LoRA?\n")
+    assert result.exit_code == 0, result.output
+    assert "not valid UTF-8" in result.stdout
+    assert "> what is LoRA?" in result.stdout and "Low-rank adaptation" in result.stdout
+
+
+def test_ctrl_d_at_the_prompt_ends_the_line(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from bot.terminal import _read
+
+    def eof(*_a):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", eof)
+    buf = io.StringIO()
+    assert _read("you> ", True, Console(file=buf, force_terminal=False)) is None
+    assert buf.getvalue() == "you> \n"  # the shell's next prompt starts on its own line
+
+
 # --- a broken course never replaces the index in service -------------------------------------------------
 
 

@@ -160,6 +160,17 @@ def test_play_in_the_terminal(tiny_course):
     assert "1/2 correct" in result.output
 
 
+def test_piped_answers_are_echoed_so_the_transcript_reads(tiny_course):
+    result = runner.invoke(quiz_app, ["play", "--course", str(tiny_course), "-n", "1", "--seed", "3"],
+                           input="maybe\n7\nb\n")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    # each reply shows after its prompt; the hint says which letters, once per bad reply
+    assert "Your answer: maybe\nPlease answer with a letter from A to C." in out
+    assert "Your answer: 7\nPlease answer with a letter from A to C." in out
+    assert "Your answer: b\n" in out and out.count("Please answer") == 2
+
+
 def test_play_refuses_bad_options(tiny_course):
     result = runner.invoke(quiz_app, ["play", "--course", str(tiny_course), "--topic", "quantum"])
     assert result.exit_code == 1 and "No quiz questions match topic quantum" in result.output
