@@ -254,7 +254,7 @@ def eval_retrieval(
 ModeOpt = Annotated[str | None, typer.Option("--mode", help="auto, generative or extractive (default: the setting).")]
 
 
-def _runtime(course: Path | None, mode: str | None, quiet: bool = False):
+def _runtime(course: Path | None, mode: str | None, quiet: bool = False, index: Path | None = None):
     from bot.runtime import TutorRuntime
     from knowledge.course import CourseError
     from knowledge.embedder import EmbedderError
@@ -262,7 +262,7 @@ def _runtime(course: Path | None, mode: str | None, quiet: bool = False):
 
     if mode not in (None, "auto", "generative", "extractive"):
         raise fail(f"--mode must be auto, generative or extractive, not {mode!r}")
-    s = settings(course_dir=course, answer_mode=mode)
+    s = settings(course_dir=course, answer_mode=mode, index_dir=index)
     setup_logging("ERROR" if quiet else "WARNING")
     try:
         return TutorRuntime(s, progress=lambda m: console.print(f"[dim]{m}[/]"))
@@ -328,13 +328,14 @@ def ask(
     batch: Annotated[Path | None, typer.Option("--batch", help="File with one question per line ('-' = stdin).")] = None,
     as_json: JsonOpt = False,
     course: CourseOpt = None,
+    index: IndexOpt = None,
     mode: ModeOpt = None,
 ) -> None:
     """Answer one question, or a file of questions (models loaded once; JSON lines out with --json)."""
     if (question is None) == (batch is None):
         raise fail("give a QUESTION or --batch FILE (not both)")
     qs = None if batch is None else read_batch(batch)  # a bad file fails before the models load
-    rt = _runtime(course, mode, quiet=as_json)
+    rt = _runtime(course, mode, quiet=as_json, index=index)
     try:
         if qs is None:
             a = rt.tutor.answer(question)
@@ -355,11 +356,11 @@ def ask(
 
 
 @app.command()
-def chat(course: CourseOpt = None, mode: ModeOpt = None) -> None:
+def chat(course: CourseOpt = None, index: IndexOpt = None, mode: ModeOpt = None) -> None:
     """The terminal tutor: ask questions; /quiz, /help, /quit. Works with piped input too."""
     from bot.terminal import run_chat
 
-    rt = _runtime(course, mode)
+    rt = _runtime(course, mode, index=index)
     try:
         run_chat(rt, out)
     finally:

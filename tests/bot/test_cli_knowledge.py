@@ -338,6 +338,17 @@ def test_a_batch_file_is_checked_before_the_models_load(env, tmp_path, monkeypat
         assert unreadable.exit_code == 1 and f"cannot read {target}" in flat(unreadable.stderr)
 
 
+def test_ask_and_chat_take_an_index_folder(env, tmp_path):
+    folder = tmp_path / "my-index"
+    asked = run("ask", "what is LoRA?", "--json", "--index", str(folder))
+    assert asked.exit_code == 0, asked.output
+    assert json_lines(asked.stdout)[0]["answered"] is True
+    assert (folder / "current" / "manifest.json").is_file()  # built where it was told, not in the data folder
+    chatted = run("chat", "--index", str(folder), input="what is LoRA?\n")
+    assert chatted.exit_code == 0 and "Low-rank adaptation" in chatted.stdout
+    assert "Building" not in chatted.stdout + chatted.stderr  # the same index is used, not rebuilt
+
+
 def test_ask_plain_text(env):
     result = run("ask", "what is LoRA?", "--mode", "extractive")
     assert result.exit_code == 0, result.output
