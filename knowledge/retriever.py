@@ -57,6 +57,7 @@ class Hit:
     dense_rank: int | None
     bm25_rank: int | None  # rank by the keyword score (words + phrases)
     phrase_score: float = 0.0  # BM25 of the query's adjacent word pairs (the phrase index)
+    row: int = -1  # the passage's position in the index (its vector is index.vectors[row])
 
     @property
     def source(self) -> str:
@@ -103,6 +104,13 @@ class Retriever:
 
     def encode_query(self, query: str) -> np.ndarray:
         return self.embedder.encode([query])
+
+    def cosines(self, text: str, hits: list[Hit]) -> list[float]:
+        """The cosine of ``text`` to each hit's passage (hits found for another query)."""
+        if not hits:
+            return []
+        qv = self.encode_query(text).reshape(-1)
+        return (self.index.vectors[[h.row for h in hits]] @ qv).tolist()
 
     def search(
         self,
@@ -170,6 +178,7 @@ class Retriever:
                 dense_rank=dense_rank.get(i),
                 bm25_rank=bm25_rank.get(i),
                 phrase_score=float(phrase_all[i]),
+                row=i,
             )
             for i in order
         ]

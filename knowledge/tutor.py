@@ -78,6 +78,7 @@ MIN_COSINE_COURSE_TERMS = 0.15  # ... needs only this cosine ("what are adapters
 MIN_COURSE_COVERAGE = 0.6  # share of the question's words that the course uses ...
 MIN_COSINE_WITH_COVERAGE = 0.25  # ... with this cosine ("how do i check my fine-tuned model didnt get worse")
 FOLLOWUP_FOREIGN_WORDS = 1  # words the course never uses that a follow-up may bring ("tho")
+FOLLOWUP_MAX_DILUTION = 0.02  # how much less close a passage may be to a retried pair than to the last question
 GEN_PASSAGES = 3
 EXTRACT_PASSAGES = 5  # the extractor reads the top three relevant passages, and up to five from the top lesson,
 # and answers from the passage with the best (fused score / top score + this weight x the cosine of its best
@@ -116,6 +117,12 @@ _INJECTION = re.compile(
 )
 _FOLLOWUP = re.compile(
     r"^(and|but|so|also|then|what about|how about|why|ok|okay|wait)\b|\b(it|that|this|those|these|they|them|then|instead|there)\b",
+    re.IGNORECASE,
+)
+# A message about the tutor's own tastes or person, which no lesson answers.
+_ABOUT_THE_TUTOR = re.compile(
+    r"\b(your|ur)\s+(fav(ou?rite)?|opinion|name|age|hobb(y|ies))\b|\b(do|would)\s+(you|u)\s+(like|love|enjoy|prefer)\b"
+    r"|\bwho\s+(are|r)\s+(you|u)\b",
     re.IGNORECASE,
 )
 _HEDGED = re.compile(r"\b(some (people )?(believe|think|assume)|misconception|myth|wrong approach|it is a mistake)\b", re.I)
@@ -259,16 +266,30 @@ class Tutor:
         previous = self._previous_question(history)
         if previous and not self._may_follow(plain, retriever):
             previous, history = None, ()
+        if previous and _ABOUT_THE_TUTOR.search(text):  # "what's your favourite movie?" follows no lesson
+            previous, history = None, ()
         query = expand_aliases(self._rewrite(text, history), aliases)
         hits = retriever.search(query, self.k)
         relevant = self._relevant(hits, query, retriever)
         if not relevant and previous and query == plain:
-            # A follow-up with no pronoun to give it away ("how low are we talking for the lr"):
-            # when the message alone finds nothing, read it with the conversation's last question.
-            query = expand_aliases(f"{previous} {text}", aliases)
-            hits = retriever.search(query, self.k)
-            relevant = self._relevant(hits, query, retriever)
+            # A follow-up with no pronoun to give it away ("how small are we talking"): when the
+            # message alone finds nothing, read it with the conversation's last question.
+            joined = expand_aliases(f"{previous} {text}", aliases)
+            joined_hits = retriever.search(joined, self.k)
+            joined_relevant = self._relevant(joined_hits, joined, retriever)
+            # (A pronoun's follow-up is not held to this: "ok so what should i do instead then"
+            # waters its question down too, being all pronoun and no topic.)
+            if joined_relevant and not self._dilutes(previous, joined_relevant, retriever):
+                query, hits, relevant = joined, joined_hits, joined_relevant
         return query, hits, relevant
+
+    def _dilutes(self, previous: str, hits: list[Hit], retriever: Retriever) -> bool:
+        """Whether the message read with the last question only waters the last question down: every
+        passage found is less close to the pair than to the last question alone. "give me a cookie
+        recipe" after "what is fine-tuning?" finds fine-tuning passages through the last question's
+        words, each 0.11-0.19 less close to the pair; a real follow-up moves towards at least one."""
+        before = retriever.cosines(expand_aliases(previous, self.course.meta.aliases), hits)
+        return max(h.dense_score - c for h, c in zip(hits, before, strict=True)) < -FOLLOWUP_MAX_DILUTION
 
     @staticmethod
     def _previous_question(history: Sequence[Turn]) -> str | None:

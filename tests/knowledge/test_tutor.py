@@ -354,11 +354,21 @@ def test_a_follow_up_without_a_pronoun_falls_back_to_the_history(tutor):
 
 @pytest.mark.parametrize("message", ["who won the world cup?", "what's the capital of France?",
                                      "write me a poem about my cat", "which crypto should i buy this week",
-                                     "how do convolutional layers work in a CNN?"])
+                                     "how do convolutional layers work in a CNN?",
+                                     # these bring at most one word the course never uses, so they are
+                                     # retried with the last question; its passages do not answer them
+                                     "give me a cookie recipe", "how is the weather", "what's your favourite movie?"])
 def test_an_off_topic_message_after_a_course_question_is_still_declined(tutor, message):
     history = [Turn("user", "what happened in the movie review experiment?"),
                Turn("assistant", "Validation accuracy rose from 70% to 87%.")]
     assert_declined(tutor.answer(message, history=history), why="doesn't cover")
+
+
+@pytest.mark.parametrize("message", ["give me a cookie recipe", "how is the weather", "what's your favourite movie?",
+                                     "do you like pizza", "who are you"])
+def test_a_message_that_only_dilutes_the_last_question_is_not_its_follow_up(tutor, message):
+    # each brings at most one word the course never uses, so it is retried with the last question
+    assert_declined(tutor.answer(message, history=[Turn("user", "what is fine-tuning?")]), why="doesn't cover")
 
 
 def test_course_aliases_expand_students_shorthand(course, retriever):
