@@ -109,6 +109,8 @@ class Retriever:
         """The cosine of ``text`` to each hit's passage (hits found for another query)."""
         if not hits:
             return []
+        if any(h.row < 0 for h in hits):
+            raise ValueError("cosines() needs hits from this retriever's search (they carry their index row)")
         qv = self.encode_query(text).reshape(-1)
         return (self.index.vectors[[h.row for h in hits]] @ qv).tolist()
 

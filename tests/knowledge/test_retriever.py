@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -203,3 +204,14 @@ def test_a_phrase_match_ranks_above_the_same_words_apart(word_order_faq):
     # a one-word question has no phrase: the two records tie on keywords
     one = r.search("learning", 2, dense_weight=0.0, bm25_weight=1.0)
     assert one[0].score == pytest.approx(one[1].score) and all(h.phrase_score == 0 for h in one)
+
+
+def test_cosines_of_another_text_to_the_hits_of_a_search(retriever):
+    hits = retriever.search("why use a low learning rate?", 3)
+    again = retriever.search("why use a low learning rate?", 3)
+    assert retriever.cosines("why use a low learning rate?", hits) == pytest.approx([h.dense_score for h in again], abs=1e-5)
+    other = retriever.cosines("what is a cookie recipe?", hits)
+    assert len(other) == 3 and all(c < h.dense_score for c, h in zip(other, hits, strict=True))
+    assert retriever.cosines("anything", []) == []
+    with pytest.raises(ValueError, match="index row"):
+        retriever.cosines("anything", [dataclasses.replace(hits[0], row=-1)])
