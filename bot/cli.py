@@ -308,13 +308,11 @@ def read_batch(batch: Path) -> list[str]:
     lines = raw.removeprefix(b"\xef\xbb\xbf").splitlines()
     if not any(line.strip() for line in lines):
         raise fail(f"{name} holds no questions; expected one question per line", code=2)
-    questions, bad = [], []
-    for n, line in enumerate(lines, 1):
-        try:
-            questions.append(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            questions.append(line.decode("utf-8", errors="replace"))
-            bad.append(n)
+    from bot.terminal import decode_line
+
+    decoded = [decode_line(line) for line in lines]
+    questions = [text for text, _ in decoded]
+    bad = [n for n, (_, valid) in enumerate(decoded, 1) if not valid]
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         console.print(f"[yellow]warning:[/] {escape(name)}: line(s) {shown} are not valid UTF-8; "

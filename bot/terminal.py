@@ -15,6 +15,14 @@ HELP = """Ask any question about the course and press Enter.
   /quit       leave (Ctrl-D works too)"""
 
 
+def decode_line(raw: bytes) -> tuple[str, bool]:
+    """A line of input as text, and whether it was valid UTF-8 (if not, bad bytes become U+FFFD)."""
+    try:
+        return raw.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), False
+
+
 def _read(prompt: str, interactive: bool, out: Console) -> str | None:
     """The next line, or None at the end of input (Ctrl-D, Ctrl-C or the end of a pipe). Piped
     input is echoed after the prompt so the transcript reads like a session; a piped line that is
@@ -31,10 +39,8 @@ def _read(prompt: str, interactive: bool, out: Console) -> str | None:
     if not raw:
         return None
     if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raw = raw.decode("utf-8", errors="replace")
+        raw, valid = decode_line(raw)
+        if not valid:
             out.print("(that line was not valid UTF-8: its unreadable bytes were replaced)", style="yellow")
     line = raw.rstrip("\r\n")
     if prompt:

@@ -264,9 +264,8 @@ class Tutor:
         # word of its own that the course never uses: "why does that help tho" is a follow-up,
         # "which crypto should i buy this week" is not, whatever came before it.
         previous = self._previous_question(history)
-        if previous and not self._may_follow(plain, retriever):
-            previous, history = None, ()
-        if previous and _ABOUT_THE_TUTOR.search(text):  # "what's your favourite movie?" follows no lesson
+        # One about the tutor itself ("what's your favourite movie?") follows no lesson either.
+        if previous and (not self._may_follow(plain, retriever) or _ABOUT_THE_TUTOR.search(text)):
             previous, history = None, ()
         query = expand_aliases(self._rewrite(text, history), aliases)
         hits = retriever.search(query, self.k)
