@@ -272,8 +272,8 @@ def sentences(text: str) -> Iterable[str]:
         for line in block.split("\n"):
             item = _LIST_ITEM_RE.match(line)
             if item:  # a list item is a sentence of its own, ended if its author did not end it
-                line = line[item.end():].rstrip()
-                line = line if not line or line[-1] in ".!?:;" else line + "."
+                line = line[item.end():].rstrip().rstrip(",;")  # "rate 0.3 (30%)," ends as "rate 0.3 (30%)."
+                line = line if not line or line[-1] in ".!?:" else line + "."
             lines.append(line)
         clean = "\n".join(lines)
         clean = re.sub(r"\*{1,3}|`+|(?<!\w)_{1,2}(?=\w)|(?<=\w)_{1,2}(?!\w)", "", clean)

@@ -281,6 +281,6 @@ def test_a_markdown_table_reads_as_sentences():
 
 
 def test_list_items_are_sentences():
-    assert list(sentences("- **Freeze** layers\n- Lower the learning rate.\n1. Stop early")) == [
-        "Freeze layers.", "Lower the learning rate.", "Stop early.",
+    assert list(sentences("- **Freeze** layers,\n- Lower the learning rate.\n1. Stop early;")) == [
+        "Freeze layers.", "Lower the learning rate.", "Stop early.",  # an item's trailing comma or semicolon ends it
     ]
