@@ -80,7 +80,7 @@ MIN_COSINE_WITH_COVERAGE = 0.25  # ... with this cosine ("how do i check my fine
 FOLLOWUP_FOREIGN_WORDS = 1  # words the course never uses that a follow-up may bring ("tho")
 FOLLOWUP_MAX_DILUTION = 0.02  # how much less close a passage may be to a retried pair than to the last question
 GEN_PASSAGES = 3
-EXTRACT_PASSAGES = 5  # the extractor reads the top three relevant passages, and up to five from the top lesson,
+EXTRACT_PASSAGES = 5  # the extractor reads the top three passages, and up to five from the top lesson,
 # and answers from the passage with the best (fused score / top score + this weight x the cosine of its best
 # sentence to the question); a FAQ answers from the top record (one record per source: retrieval's choice).
 # Measured on both question sets (benchmarks/bench_tutor.py, docs/BENCHMARKS.md, 2026-12-02): the top
@@ -227,14 +227,17 @@ class Tutor:
                 text=f"Sorry, the course doesn't cover that. {self.help_text()}",
                 answered=False, confidence=round(self._confidence(hits), 3), mode="declined",
             )
-        sources = self._sources(relevant)
         confidence = round(self._confidence(relevant), 3)
+        # Whether the course covers the question is the relevance rule's call; once it does, the answer
+        # reads the retriever's ranking, not only the passages that passed the rule: "how many epochs did
+        # they train for in the experiment" ranks Change 4 (up to 20 epochs) first at cosine 0.29.
+        sources = self._sources(hits)
         if self.mode == "generative" and generator is not None:
             try:
                 generated = generator.generate(
-                    [GenerationRequest(text if query == text else query, self._passages(relevant), self.max_new_tokens)]
+                    [GenerationRequest(text if query == text else query, self._passages(hits), self.max_new_tokens)]
                 )[0]
-                checked = self._grounded(generated, relevant, retriever)
+                checked = self._grounded(generated, hits, retriever)
                 if checked:
                     return done(text=checked, answered=True, confidence=confidence, sources=sources,
                                 mode="generative", model=generator.name)
@@ -243,21 +246,21 @@ class Tutor:
                 log.warning("generation failed (%s); using extraction", exc)
             except Exception:
                 log.exception("generator raised unexpectedly; using extraction")
-        return done(text=self._extract(query, relevant, retriever), answered=True, confidence=confidence,
+        return done(text=self._extract(query, hits, retriever), answered=True, confidence=confidence,
                     sources=sources, mode="extractive")
 
     def context_for(self, question: str) -> tuple[Passage, ...]:
         """The passages the answer model is given for this question asked on its own: the same
-        cleaning, aliases, retrieval and relevance rule as ``answer``. A question the tutor would
-        decline still gets the top passages (fine-tuning data wants a context for every example)."""
+        cleaning, aliases and retrieval as ``answer``. A question the tutor would decline gets them
+        too (fine-tuning data wants a context for every example)."""
         text, _ = clean_question(question, self.max_question_chars)
-        _query, hits, relevant = self._retrieve(text, (), self.retriever)
-        return self._passages(relevant or hits)
+        _query, hits, _relevant = self._retrieve(text, (), self.retriever)
+        return self._passages(hits)
 
     # --- steps ----------------------------------------------------------------------------------
     def _retrieve(self, text: str, history: Sequence[Turn], retriever: Retriever) -> tuple[str, list[Hit], list[Hit]]:
         """The query (the message, read with the conversation when it is a follow-up, aliases
-        spelled out), its hits and the hits relevant enough to answer from."""
+        spelled out), its hits, and the hits that show the course covers it."""
         aliases = self.course.meta.aliases
         plain = expand_aliases(text, aliases)
         # A message is read with the conversation's last question only when it brings at most one
@@ -303,13 +306,11 @@ class Tutor:
         return f"{last} {text}"
 
     def _relevant(self, hits: list[Hit], query: str, retriever: Retriever) -> list[Hit]:
-        """Passages relevant enough to answer from: a high cosine, or a fair cosine backed by keyword
-        evidence (a strong BM25 match, or a short question made only of the course's own terms, like
-        "what is LoRA?", whose cosine is low because there is so little to embed). When none is, a
-        question mostly in the course's words may still be answered from the passages with a fair
-        cosine: that rule only rescues questions the others decline, so the passages of a question
-        they answer stay the same (more passages would mean longer prompts, slower and no better
-        generated answers)."""
+        """The hits that show the course covers the question (none: the tutor declines): a high cosine,
+        or a fair cosine backed by keyword evidence (a strong BM25 match, or a short question made only
+        of the course's own terms, like "what is LoRA?", whose cosine is low because there is so little
+        to embed). When none is, a question mostly in the course's words may still count as covered
+        by the passages with a fair cosine."""
         toks = set(keyword_tokens(query))
         vocab = self._vocabulary(retriever)
         course_terms = 0 < len(toks) <= SHORT_QUESTION_TERMS and toks <= vocab

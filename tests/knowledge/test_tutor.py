@@ -117,6 +117,18 @@ def test_the_answer_may_come_from_another_lesson_than_the_top_hit(ask):
     assert any(s.section.startswith("Step 1") for s in a.sources)  # the answer's passage is cited
 
 
+def test_the_answer_reads_the_ranking_not_only_the_passages_that_made_it_answerable(ask, tutor):
+    # The retriever ranks the experiment's Change 4 (up to 20 epochs) first on keywords, at a cosine
+    # below the relevance rule's; a deep-dive pitfall (50 and 10 epochs) passes the rule on cosine.
+    # Answering only from the passages that passed it gave the pitfall's epochs.
+    question = "how many epochs did they train for in the experiment"
+    hits = tutor.retriever.search(question, tutor.k)
+    assert hits[0].chunk.section.startswith("Change 4") and hits[0].dense_score < tutor.min_cosine
+    a = ask(question)
+    assert a.answered and "20 epochs" in a.text and "50 epochs" not in a.text
+    assert a.sources[0].section.startswith("Change 4")
+
+
 def test_answer_text_comes_from_the_cited_course(ask, course):
     a = ask("What is fine-tuning?")
     course_text = " ".join(" ".join(d.text.split()) for d in course.documents)
