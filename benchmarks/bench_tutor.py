@@ -99,6 +99,34 @@ def question_set(tutor: Tutor, data: dict, workers: int) -> dict:
     }
 
 
+def burst(tutor: Tutor, questions: list[str], rounds: int = 5, size: int = 8) -> dict:
+    """Median time for one question alone, for ``size`` questions asked at once (until all are
+    answered) and, as the baseline, for the same questions answered one after another. The course's
+    sentences are embedded beforehand (a running tutor has them cached); each round's questions carry
+    a round tag so no question is answered from the cache of an earlier round."""
+    import statistics
+
+    for q in questions:
+        tutor.answer(q)
+    alone, together, serial = [], [], []
+    with ThreadPoolExecutor(max_workers=size) as pool:
+        for r in range(rounds):
+            for i in range(0, len(questions) - size + 1, size):
+                group = [f"{q} (round {r})" for q in questions[i:i + size]]
+                t0 = time.perf_counter()
+                tutor.answer(f"{group[0]} alone")
+                alone.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                list(pool.map(tutor.answer, group))
+                together.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                for q in group:
+                    tutor.answer(f"{q} again")
+                serial.append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1000 for k, v in (("alone", alone), ("together", together), ("serial", serial))}
+    return {**med, "size": size, "groups": len(together)}
+
+
 def faq_cosine(modes: list[str], sample: int, data_dir: Path, gen) -> dict:
     import json
 
@@ -164,6 +192,8 @@ def main() -> None:
                     for m in results[key]["misses"]:
                         print(key, *m, sep=" | ")
         faq = faq_cosine(modes, args.faq_sample, Path(tmp), gen) if args.faq_sample else {}
+        bursts = burst(Tutor(course, retr, None, mode="extractive"), [q["question"] for q in data["questions"]]) \
+            if "extractive" in modes else None
     rows = []
     for mode, r in results.items():
         rows.append([mode, f"{r['full']}/{r['n']} ({r['full'] / r['n']:.0%})", f"{r['facts_hit']}/{r['facts_total']}",
@@ -189,6 +219,18 @@ def main() -> None:
     if aucs:
         lines += ["", "Does `confidence` tell complete answers from incomplete ones? AUC over the answered "
                       "in-course questions (0.5 = no better than chance): " + ", ".join(aucs) + "."]
+    if bursts:
+        b = bursts
+        lines += ["", f"Questions asked at once (extractive answers, what students get until a model is promoted; "
+                      f"median of {b['groups']} groups of {b['size']} questions from the first set):", "",
+                  table(["", "ms", "vs one question alone"], [
+                      ["one question alone", f"{b['alone']:.1f}", "1.0x"],
+                      [f"{b['size']} at once, until all are answered", f"{b['together']:.1f}", f"{b['together'] / b['alone']:.1f}x"],
+                      [f"baseline: the same {b['size']} one after another", f"{b['serial']:.1f}", f"{b['serial'] / b['alone']:.1f}x"],
+                  ]),
+                  "", f"Asked at once, the {b['size']} are answered {b['serial'] / b['together']:.1f}x sooner than one after another "
+                      "(small embedding requests that arrive while the model is busy are embedded in one batch); "
+                      "target: within 2x of one question alone."]
     if faq:
         lines += ["", f"FAQ answer similarity (mean MiniLM cosine to the FAQ's own answer, fixed sample of "
                       f"{args.faq_sample} questions, seed 42):", ""]

@@ -271,19 +271,24 @@ class Tutor:
         if previous and (not self._may_follow(plain, retriever) or _ABOUT_THE_TUTOR.search(text)):
             previous, history = None, ()
         query = expand_aliases(self._rewrite(text, history), aliases)
-        hits = retriever.search(query, self.k)
+        hits = self._search(query, retriever)
         relevant = self._relevant(hits, query, retriever)
         if not relevant and previous and query == plain:
             # A follow-up with no pronoun to give it away ("how small are we talking"): when the
             # message alone finds nothing, read it with the conversation's last question.
             joined = expand_aliases(f"{previous} {text}", aliases)
-            joined_hits = retriever.search(joined, self.k)
+            joined_hits = self._search(joined, retriever)
             joined_relevant = self._relevant(joined_hits, joined, retriever)
             # (A pronoun's follow-up is not held to this: "ok so what should i do instead then"
             # waters its question down too, being all pronoun and no topic.)
             if joined_relevant and not self._dilutes(previous, joined_relevant, retriever):
                 query, hits, relevant = joined, joined_hits, joined_relevant
         return query, hits, relevant
+
+    def _search(self, query: str, retriever: Retriever) -> list[Hit]:
+        """The retriever's top hits, the query embedded through the tutor's cache (the extractor
+        reads the same vector, so an answer embeds its question once)."""
+        return retriever.search(query, self.k, query_vector=self._vectors.encode(retriever.embedder, [query]))
 
     def _dilutes(self, previous: str, hits: list[Hit], retriever: Retriever) -> bool:
         """Whether the message read with the last question only waters the last question down: every

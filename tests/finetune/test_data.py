@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from finetune.data import (
@@ -28,6 +29,10 @@ class FakeRetriever:
 
     class _Emb:
         name = "fake-embedder"
+        dim = 4
+
+        def encode(self, texts, **kw):  # the tutor embeds the query once and hands it to search
+            return np.zeros((len(texts), self.dim), dtype=np.float32)
 
     embedder = _Emb()
 
@@ -38,7 +43,7 @@ class FakeRetriever:
             for i, d in enumerate(course.documents)
         ]
 
-    def search(self, query, k=5):
+    def search(self, query, k=5, *, query_vector=None):
         words = set(query.lower().split())
         ranked = sorted(self.chunks, key=lambda c: -len(words & set(c.text.lower().split())))
         return [Hit(c, 1.0 - i / 10, 0.5, 5.0, i, i) for i, c in enumerate(ranked[:k])]

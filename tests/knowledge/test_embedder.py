@@ -54,3 +54,54 @@ def test_cache_drops_the_least_recently_used(minilm):
     spy.embedded.clear()
     cache.encode(spy, ["alpha beta", "gamma delta"])
     assert spy.embedded == ["gamma delta"]
+
+
+def _ask_while_busy(minilm, requests):
+    """Start one thread per request while the model is held busy (its lock taken), wait until all
+    are queued, then free the model; returns each thread's vectors or exception."""
+    import threading
+    import time
+
+    out: list = [None] * len(requests)
+
+    def ask(i):
+        try:
+            out[i] = minilm.encode(requests[i])
+        except Exception as exc:  # the test inspects it
+            out[i] = exc
+
+    with minilm._lock:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + 10
+        while len(minilm._pending) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(minilm._pending) == len(requests)
+    for th in threads:
+        th.join(10)
+    return out
+
+
+def test_small_requests_waiting_for_the_model_are_embedded_in_one_batch(minilm, monkeypatch):
+    requests = [["what is fine-tuning?"], ["what is LoRA?", "why freeze layers?"], ["dropout"], ["lr?"], ["early stopping"]]
+    alone = [minilm.encode(r) for r in requests]
+    calls = []
+    real = minilm._model.encode
+    monkeypatch.setattr(minilm._model, "encode", lambda texts, **kw: calls.append(list(texts)) or real(texts, **kw))
+    got = _ask_while_busy(minilm, requests)
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(t for r in requests for t in r)  # one batch for all
+    for vecs, ref in zip(got, alone, strict=True):
+        assert vecs.shape == ref.shape and np.allclose(vecs, ref, atol=1e-5)  # each gets its own vectors
+
+
+def test_a_failing_combined_batch_fails_every_request_in_it(minilm, monkeypatch):
+    def broken(texts, **kw):
+        raise RuntimeError("model fell over")
+
+    monkeypatch.setattr(minilm._model, "encode", broken)
+    got = _ask_while_busy(minilm, [["a question"], ["another question"], ["a third"]])
+    assert all(isinstance(r, RuntimeError) and "fell over" in str(r) for r in got)
+    assert not minilm._pending  # nothing left behind for the next caller
+    monkeypatch.undo()
+    assert minilm.encode(["still works"]).shape == (1, 384)

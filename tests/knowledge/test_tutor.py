@@ -602,3 +602,13 @@ def test_faq_records_are_cited_as_faq(tmp_path):
     assert a.answered and a.sources[0].source == "join-late"
     assert a.sources[0].label == "FAQ > General"
     assert a.text == "Yes, you can join the course at any time and still submit the homework."
+
+
+def test_an_answer_embeds_its_question_once(course, retriever):
+    from tests.knowledge.test_embedder import CountingEmbedder
+
+    spy = CountingEmbedder(retriever.embedder)
+    t = Tutor(course, Retriever(retriever.index, spy), None, mode="extractive")
+    a = t.answer("how does early stopping decide when to stop?")
+    assert a.answered
+    assert spy.embedded.count("how does early stopping decide when to stop?") == 1  # search and extraction share it
