@@ -111,26 +111,32 @@ class MiniLMEmbedder:
         job = _EncodeJob(list(texts))
         with self._pending_lock:
             self._pending.append(job)
-        with self._lock:
-            if not job.done:  # no other thread took it along while this one waited
-                with self._pending_lock:
-                    jobs, size = [], 0
-                    while self._pending and (not jobs or size + len(self._pending[0].texts) <= COMBINED_BATCH):
-                        jobs.append(self._pending.popleft())
-                        size += len(jobs[-1].texts)
-                try:
-                    vecs = self._encode_now([t for j in jobs for t in j.texts], batch_size, False)
-                except BaseException as exc:
-                    for j in jobs:
-                        j.error, j.done = exc, True
-                else:
-                    start = 0
-                    for j in jobs:
-                        j.result, j.done = vecs[start:start + len(j.texts)], True
-                        start += len(j.texts)
+        while not job.done:
+            with self._lock:
+                if not job.done:  # no other thread took it along while this one waited
+                    self._encode_waiting(batch_size)
         if job.error is not None:
             raise job.error
         return np.ascontiguousarray(job.result)
+
+    def _encode_waiting(self, batch_size: int) -> None:
+        """Embed the waiting requests in arrival order, up to COMBINED_BATCH texts, in one batch (the
+        caller holds ``self._lock``; its own request may be left for the next round)."""
+        with self._pending_lock:
+            jobs, size = [], 0
+            while self._pending and (not jobs or size + len(self._pending[0].texts) <= COMBINED_BATCH):
+                jobs.append(self._pending.popleft())
+                size += len(jobs[-1].texts)
+        try:
+            vecs = self._encode_now([t for j in jobs for t in j.texts], batch_size, False)
+        except BaseException as exc:
+            for j in jobs:
+                j.error, j.done = exc, True
+            return
+        start = 0
+        for j in jobs:
+            j.result, j.done = vecs[start:start + len(j.texts)], True
+            start += len(j.texts)
 
     def _encode_now(self, texts: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
         """Embed under ``self._lock`` (the caller holds it)."""

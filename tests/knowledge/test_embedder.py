@@ -95,6 +95,20 @@ def test_small_requests_waiting_for_the_model_are_embedded_in_one_batch(minilm, 
         assert vecs.shape == ref.shape and np.allclose(vecs, ref, atol=1e-5)  # each gets its own vectors
 
 
+def test_requests_past_the_batch_limit_wait_for_the_next_round(minilm, monkeypatch):
+    from knowledge.embedder import COMBINED_BATCH, SMALL_BATCH
+
+    requests = [[f"question {i} part {j}" for j in range(SMALL_BATCH)] for i in range(4)]  # 64 texts
+    alone = [minilm.encode(r) for r in requests]
+    calls = []
+    real = minilm._model.encode
+    monkeypatch.setattr(minilm._model, "encode", lambda texts, **kw: calls.append(len(texts)) or real(texts, **kw))
+    got = _ask_while_busy(minilm, requests)
+    assert calls and max(calls) <= COMBINED_BATCH and sum(calls) == 4 * SMALL_BATCH
+    for vecs, ref in zip(got, alone, strict=True):  # nobody left without vectors
+        assert isinstance(vecs, np.ndarray) and vecs.shape == ref.shape and np.allclose(vecs, ref, atol=1e-5)
+
+
 def test_a_failing_combined_batch_fails_every_request_in_it(minilm, monkeypatch):
     def broken(texts, **kw):
         raise RuntimeError("model fell over")
