@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -93,7 +94,8 @@ class MiniLMEmbedder:
         self._tokenizer = self._model.tokenizer
         self._lock = threading.Lock()
         self._pending: deque[_EncodeJob] = deque()  # small requests waiting for the model
-        self._pending_lock = threading.Lock()
+        self._pending_cond = threading.Condition()
+        self._combining = False  # a thread is embedding waiting requests
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
@@ -109,38 +111,51 @@ class MiniLMEmbedder:
             with self._lock:  # the tokenizer and torch modules are not re-entrant across threads
                 return self._encode_now(list(texts), batch_size, show_progress)
         job = _EncodeJob(list(texts))
-        with self._pending_lock:
+        with self._pending_cond:
             self._pending.append(job)
-        while not job.done:
-            with self._lock:
-                if not job.done:  # no other thread took it along while this one waited
-                    self._encode_waiting(batch_size)
+            while not job.done and self._combining:
+                self._pending_cond.wait()  # another thread is embedding: perhaps this request too
+            lead = not job.done
+            if lead:
+                self._combining = True
+        if lead:
+            try:
+                with self._lock:
+                    while not job.done:  # rounds in arrival order; this one may be past the first
+                        self._encode_waiting(batch_size)
+            finally:
+                with self._pending_cond:
+                    self._combining = False
+                    self._pending_cond.notify_all()
         if job.error is not None:
             raise job.error
         return np.ascontiguousarray(job.result)
 
     def _encode_waiting(self, batch_size: int) -> None:
-        """Embed the waiting requests in arrival order, up to COMBINED_BATCH texts, in one batch (the
-        caller holds ``self._lock``; its own request may be left for the next round)."""
-        with self._pending_lock:
+        """Embed the waiting requests in arrival order, up to COMBINED_BATCH texts, in one batch, and
+        wake their threads (the caller holds ``self._lock``)."""
+        with self._pending_cond:
             jobs, size = [], 0
             while self._pending and (not jobs or size + len(self._pending[0].texts) <= COMBINED_BATCH):
                 jobs.append(self._pending.popleft())
                 size += len(jobs[-1].texts)
         try:
-            vecs = self._encode_now([t for j in jobs for t in j.texts], batch_size, False)
+            vecs = self._encode_now([t for j in jobs for t in j.texts], batch_size, False, threads=1)
         except BaseException as exc:
-            for j in jobs:
-                j.error, j.done = exc, True
-            return
-        start = 0
-        for j in jobs:
-            j.result, j.done = vecs[start:start + len(j.texts)], True
-            start += len(j.texts)
+            results: list = [None] * len(jobs)
+            error: BaseException | None = exc
+        else:
+            bounds = np.cumsum([0] + [len(j.texts) for j in jobs])
+            results, error = [vecs[a:b] for a, b in pairwise(bounds)], None
+        with self._pending_cond:
+            for j, r in zip(jobs, results, strict=True):
+                j.result, j.error, j.done = r, error, True
+            self._pending_cond.notify_all()
 
-    def _encode_now(self, texts: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
-        """Embed under ``self._lock`` (the caller holds it)."""
-        _set_thread_count(1 if len(texts) <= SMALL_BATCH else self._threads)
+    def _encode_now(self, texts: list[str], batch_size: int, show_progress: bool, threads: int | None = None) -> np.ndarray:
+        """Embed under ``self._lock`` (the caller holds it). Small requests, combined or not, run on one
+        thread (see SMALL_BATCH); only a large one uses every core."""
+        _set_thread_count(threads or (1 if len(texts) <= SMALL_BATCH else self._threads))
         vecs = self._model.encode(
             texts,
             batch_size=batch_size,
