@@ -36,6 +36,7 @@ QUESTIONS = ROOT / "benchmarks" / "data" / "tutor_questions.yaml"
 # A second, blind set written after the tutor's rules were tuned on the first (the one to tune on
 # from now on: the first stays the one reported against the issue's targets).
 DEV_QUESTIONS = ROOT / "benchmarks" / "data" / "tutor_questions_dev.yaml"
+SMALL_TALK = ROOT / "benchmarks" / "data" / "tutor_smalltalk.yaml"
 PUBLISHED_COSINE = [("GPT-4o", 0.679), ("GPT-4o-mini", 0.680), ("GPT-3.5", 0.658)]
 
 
@@ -127,6 +128,26 @@ def burst(tutor: Tutor, questions: list[str], rounds: int = 5, size: int = 8) ->
     return {**med, "size": size, "groups": len(together)}
 
 
+def small_talk(tutors: dict[str, Tutor], sets: dict[str, dict], after: str) -> list[list[str]]:
+    """Chat that is no course question, alone and right after ``after``: how much of it is answered
+    from the course (should be none), and how much of the small talk gets a reply in kind; for each
+    tutor (ours and the baseline that reads every message as a question) and each set."""
+    turn = [Turn("user", after), Turn("assistant", "(the tutor's answer)")]
+    rows = []
+    for set_name, data in sets.items():
+        for kind in ("smalltalk", "offtopic"):
+            msgs = data[kind]
+            for label, history in (("alone", ()), ("after a course question", turn)):
+                for who, tutor in tutors.items():
+                    got = [tutor.answer(m, history=history) for m in msgs]
+                    leaked = [m for m, a in zip(msgs, got, strict=True) if a.answered]
+                    in_kind = sum(a.mode == "smalltalk" for a in got)
+                    rows.append([set_name, kind, label, who, f"{len(msgs) - len(leaked)}/{len(msgs)}",
+                                 f"{in_kind}/{len(msgs)}" if kind == "smalltalk" else "",
+                                 "; ".join(leaked) or "none"])
+    return rows
+
+
 def faq_cosine(modes: list[str], sample: int, data_dir: Path, gen) -> dict:
     import json
 
@@ -192,6 +213,10 @@ def main() -> None:
                     for m in results[key]["misses"]:
                         print(key, *m, sep=" | ")
         faq = faq_cosine(modes, args.faq_sample, Path(tmp), gen) if args.faq_sample else {}
+        talk_sets = yaml.safe_load(SMALL_TALK.read_text(encoding="utf-8"))
+        talk = small_talk({"ours": Tutor(course, retr, None, mode="extractive"),
+                           "baseline": Tutor(course, retr, None, mode="extractive", small_talk=False)},
+                          talk_sets, data["questions"][0]["question"])
         bursts = burst(Tutor(course, retr, None, mode="extractive"), [q["question"] for q in data["questions"]]) \
             if "extractive" in modes else None
     rows = []
@@ -219,6 +244,12 @@ def main() -> None:
     if aucs:
         lines += ["", "Does `confidence` tell complete answers from incomplete ones? AUC over the answered "
                       "in-course questions (0.5 = no better than chance): " + ", ".join(aucs) + "."]
+    lines += ["", "Chat that is no course question (benchmarks/data/tutor_smalltalk.yaml; its sets are described "
+                  "there), asked alone and right after the first course question of the set above: not answered from the "
+                  "course, and small talk given a reply in kind (\"You're welcome!\", \"Hi! ...\") rather than the decline; "
+                  "baseline: the same tutor reading every message as a question (`Tutor(small_talk=False)`):", "",
+              table(["set", "messages", "asked", "tutor", "not answered from the course", "reply in kind",
+                     "answered from the course"], talk)]
     if bursts:
         b = bursts
         lines += ["", f"Questions asked at once (extractive answers, what students get until a model is promoted; "

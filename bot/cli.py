@@ -291,7 +291,8 @@ def print_answer(a) -> None:
         out.print("[dim]Sources:[/]")
         for r in a.sources:
             out.print(f"[dim]  - {escape(r.label)}  ({escape(r.source)})[/]", highlight=False)
-    out.print(f"[dim]{a.mode}, passage match {a.confidence:.2f}, {a.latency_ms:.0f} ms[/]")
+    if a.mode != "smalltalk":
+        out.print(f"[dim]{a.mode}, passage match {a.confidence:.2f}, {a.latency_ms:.0f} ms[/]")
 
 
 def read_batch(batch: Path) -> list[str]:

@@ -212,13 +212,22 @@ def pack_embeds(embeds: Sequence[discord.Embed]) -> list[OutgoingMessage]:
     return messages
 
 
+def small_talk_reply(answer: Answer) -> list[OutgoingMessage]:
+    """A reply to "thanks" or "hi" is a plain line of text: no question title, sources or footer."""
+    return [OutgoingMessage(content=c) for c in split_text(neutralize(answer.text.strip()), CONTENT_LIMIT)]
+
+
 def answer_messages(answer: Answer, *, notes: Iterable[str] = ()) -> list[OutgoingMessage]:
     """The messages that carry an answer (usually one); feedback buttons go on the last."""
+    if answer.mode == "smalltalk":
+        return small_talk_reply(answer)
     return pack_embeds(answer_embeds(answer, notes=notes))
 
 
 def answer_text(answer: Answer, *, notes: Iterable[str] = ()) -> list[OutgoingMessage]:
     """The answer as plain text, for channels where the bot may not embed: pieces of <= 2000."""
+    if answer.mode == "smalltalk":
+        return small_talk_reply(answer)
     parts = [f"**{trim(one_line(answer.question), 300)}**", answer.text.strip() or "(no answer)"]
     lines = source_lines(answer.sources)
     if lines:

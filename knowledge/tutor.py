@@ -34,7 +34,8 @@ class Answer:
     answered: bool
     confidence: float
     sources: tuple[SourceRef, ...] = ()
-    mode: Literal["generative", "extractive", "declined"] = "extractive"
+    # "smalltalk": a reply in kind to "thanks", "hi", "ok got it" (answered = False: no course answer)
+    mode: Literal["generative", "extractive", "declined", "smalltalk"] = "extractive"
     model: str | None = None
     notices: tuple[str, ...] = field(default=())
     latency_ms: float = 0.0
@@ -55,6 +56,7 @@ from knowledge.chunking import sentences  # noqa: E402
 from knowledge.embedder import VectorCache  # noqa: E402
 from knowledge.generation import GenerationError, GenerationRequest, Generator, Passage  # noqa: E402
 from knowledge.retriever import Hit, Retriever  # noqa: E402
+from knowledge.smalltalk import SmallTalk, SmallTalkDetector, reply  # noqa: E402
 from knowledge.text import expand_aliases, keyword_tokens  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,7 @@ class Tutor:
         max_question_chars: int = 2000,
         min_cosine: float = MIN_COSINE,
         max_new_tokens: int = 96,
+        small_talk: bool = True,
     ):
         self.course = course
         self.retriever = retriever
@@ -183,6 +186,8 @@ class Tutor:
         self._swap_lock = threading.Lock()
         self._vocab_cache: tuple[object, frozenset[str]] | None = None
         self._vectors = VectorCache()  # the passages' sentences (and questions) embedded once
+        # False: every message is read as a question (the benchmark's baseline)
+        self._small_talk = SmallTalkDetector() if small_talk else None
 
     # --- hot swaps (admin reindex / model promotion) --------------------------------------------
     def swap(self, *, retriever: Retriever | None = None, generator: Generator | None = None, course=None) -> None:
@@ -221,7 +226,10 @@ class Tutor:
             return done(text="I can only help with questions about the course. " + self.help_text(),
                         answered=False, confidence=0.0, mode="declined")
 
-        query, hits, relevant = self._retrieve(text, history, retriever)
+        talk = self._detect_small_talk(text, retriever)
+        if talk is not None and talk.intent != "offtopic":
+            return done(text=reply(talk.intent, self.help_text()), answered=False, confidence=0.0, mode="smalltalk")
+        query, hits, relevant = ([], [], []) if talk is not None else self._retrieve(text, history, retriever)
         if not relevant:
             return done(
                 text=f"Sorry, the course doesn't cover that. {self.help_text()}",
@@ -266,11 +274,11 @@ class Tutor:
         # A message is read with the conversation's last question only when it brings at most one
         # word of its own that the course never uses: "why does that help tho" is a follow-up,
         # "which crypto should i buy this week" is not, whatever came before it.
-        previous = self._previous_question(history)
+        previous = self._previous_question(history, retriever)
         # One about the tutor itself ("what's your favourite movie?") follows no lesson either.
         if previous and (not self._may_follow(plain, retriever) or _ABOUT_THE_TUTOR.search(text)):
-            previous, history = None, ()
-        query = expand_aliases(self._rewrite(text, history), aliases)
+            previous = None
+        query = expand_aliases(self._rewrite(text, previous), aliases)
         hits = self._search(query, retriever)
         relevant = self._relevant(hits, query, retriever)
         if not relevant and previous and query == plain:
@@ -298,17 +306,23 @@ class Tutor:
         before = retriever.cosines(expand_aliases(previous, self.course.meta.aliases), hits)
         return max(h.dense_score - c for h, c in zip(hits, before, strict=True)) < -FOLLOWUP_MAX_DILUTION
 
-    @staticmethod
-    def _previous_question(history: Sequence[Turn]) -> str | None:
-        return next((t.content for t in reversed(history) if t.role == "user"), None)
+    def _previous_question(self, history: Sequence[Turn], retriever: Retriever) -> str | None:
+        """The conversation's last question: its last user turn that is not small talk ("thanks"
+        between a question and its follow-up leaves the follow-up following the question)."""
+        for t in reversed(history):
+            if t.role == "user" and self._detect_small_talk(t.content, retriever) is None:
+                return t.content
+        return None
 
-    @classmethod
-    def _rewrite(cls, text: str, history: Sequence[Turn]) -> str:
+    def _detect_small_talk(self, text: str, retriever: Retriever) -> SmallTalk | None:
+        return self._small_talk.detect(text, retriever.embedder, self._vectors) if self._small_talk else None
+
+    @staticmethod
+    def _rewrite(text: str, previous: str | None) -> str:
         """A follow-up ("and why is that?") borrows the previous question's words for retrieval."""
-        last = cls._previous_question(history)
-        if not last or len(text.split()) > 14 or not _FOLLOWUP.search(text):
+        if not previous or len(text.split()) > 14 or not _FOLLOWUP.search(text):
             return text
-        return f"{last} {text}"
+        return f"{previous} {text}"
 
     def _relevant(self, hits: list[Hit], query: str, retriever: Retriever) -> list[Hit]:
         """The hits that show the course covers the question (none: the tutor declines): a high cosine,

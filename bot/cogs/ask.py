@@ -139,7 +139,7 @@ class AskCog(commands.Cog):
                 kwargs: dict = {"embeds": list(msg.embeds), "ephemeral": private, "wait": True}
                 if msg.content:
                     kwargs["content"] = msg.content
-                if i == len(messages) - 1 and answer_id is not None:
+                if i == len(messages) - 1 and answer_id is not None and timed.answer.mode != "smalltalk":
                     kwargs["view"] = feedback_view(answer_id)
                 await interaction.followup.send(**kwargs)
         log.info(
@@ -249,8 +249,8 @@ class AskCog(commands.Cog):
                 kwargs["embeds"] = list(msg.embeds)
             if msg.content:
                 kwargs["content"] = msg.content
-            if i == len(messages) - 1 and answer_id is not None:
-                kwargs["view"] = feedback_view(answer_id)
+            if i == len(messages) - 1 and answer_id is not None and timed.answer.mode != "smalltalk":
+                kwargs["view"] = feedback_view(answer_id)  # a "you're welcome" is not rated
             if i == 0:
                 await message.reply(mention_author=False, **kwargs)
             else:

@@ -277,6 +277,25 @@ async def test_mentions_and_dms_are_answered(
     ]
 
 
+async def test_thanks_in_a_dm_gets_a_short_reply_and_the_next_follow_up_still_follows_the_question(
+    fake_discord, run_bot, make_tutor_bot, real_tutor
+):
+    async with run_bot(make_tutor_bot(tutor=real_tutor)):
+        first = await (await fake_discord.send_dm("why fine-tune with a small learning rate?", user="bob")).reply(
+            timeout=15
+        )
+        assert first.json["embeds"][0]["fields"][0]["name"] == "Sources"
+        thanks = await (await fake_discord.send_dm("thanks!", user="bob")).reply(timeout=15)
+        # a line of text, not another lecture on learning rates: no embed, no sources, nothing to rate
+        assert thanks.json["content"].startswith("You're welcome")
+        assert not thanks.json.get("embeds") and not buttons(thanks.json)
+        # declined on its own (test_tutor); here it follows the question from before the thanks
+        follow = await (await fake_discord.send_dm("how small are we talking", user="bob")).reply(timeout=15)
+        embed = follow.json["embeds"][0]
+        assert embed["fields"][0]["name"] == "Sources"
+        assert "learning rate" in embed["description"].lower()
+
+
 async def test_mention_answering_follows_guild_config(fake_discord, run_bot, make_tutor_bot):
     tutor = StandInTutor()
     async with run_bot(make_tutor_bot(tutor=tutor)):

@@ -214,3 +214,11 @@ def test_table_embed_trims_and_caps_fields():
 def test_notice_is_safe_and_short():
     n = render.notice("@everyone " + "x" * 3000)
     assert len(n) <= CONTENT_LIMIT and "@everyone" not in n
+
+
+def test_a_small_talk_reply_is_one_plain_line_in_either_rendering():
+    a = make_answer("You're welcome! Ask @everyone anything.", question="thanks", answered=False, mode="smalltalk", sources=())
+    for rendered in (answer_messages(a), render.answer_text(a)):
+        assert len(rendered) == 1 and rendered[0].embeds == ()
+        assert rendered[0].content.startswith("You're welcome!")
+        assert "@everyone" not in rendered[0].content  # neutralized, never a ping

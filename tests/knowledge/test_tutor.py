@@ -156,6 +156,52 @@ def test_declines_off_topic_questions_politely(ask, question):
     assert a.confidence < 0.3
 
 
+AFTER_A_QUESTION = (Turn("user", "why use a low learning rate?"), Turn("assistant", "To keep what pre-training learned."))
+
+
+@pytest.mark.parametrize(
+    ("message", "reply"),
+    [
+        ("thanks!", "You're welcome"),
+        ("thank you so much", "You're welcome"),
+        ("ok cool", "👍"),
+        ("got it", "👍"),
+        ("hello", "Hi!"),
+        ("bye", "Bye"),
+        ("are you a bot?", "I'm the tutor for"),
+        ("who are you", "I'm the tutor for"),
+        ("what can you do?", "I'm the tutor for"),
+    ],
+)
+def test_small_talk_gets_a_reply_in_kind_not_the_last_lesson_again(tutor, message, reply):
+    # After a question, "thanks" used to be read as its follow-up and answered with the same lesson.
+    for history in ((), AFTER_A_QUESTION):
+        a = tutor.answer(message, history=history)
+        assert (a.mode, a.answered, a.sources) == ("smalltalk", False, ())
+        assert a.text.startswith(reply)
+
+
+@pytest.mark.parametrize("message", ["what time is it", "what's the weather like today?", "tell me a joke"])
+def test_everyday_questions_are_declined_even_after_a_course_question(tutor, message):
+    for history in ((), AFTER_A_QUESTION):
+        assert_declined(tutor.answer(message, history=history), why="the course doesn't cover that")
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["hi, what is LoRA?", "thanks! and what are adapters?", "hey can you explain overfitting", "dropout?", "LoRA?"],
+)
+def test_a_greeting_or_thanks_around_a_question_still_gets_the_answer(tutor, message):
+    a = tutor.answer(message)
+    assert a.answered and a.mode == "extractive" and a.sources
+
+
+@pytest.mark.parametrize("message", ["tell me more", "why?", "can you explain it again"])
+def test_short_follow_ups_are_not_small_talk(tutor, message):
+    a = tutor.answer(message, history=AFTER_A_QUESTION)
+    assert a.answered and "learning rate" in a.text.lower()
+
+
 @pytest.mark.parametrize(
     "message",
     [
@@ -377,7 +423,7 @@ def test_an_off_topic_message_after_a_course_question_is_still_declined(tutor, m
 
 
 @pytest.mark.parametrize("message", ["give me a cookie recipe", "how is the weather", "what's your favourite movie?",
-                                     "do you like pizza", "who are you"])
+                                     "do you like pizza"])
 def test_a_message_that_only_dilutes_the_last_question_is_not_its_follow_up(tutor, message):
     # each brings at most one word the course never uses, so it is retried with the last question
     assert_declined(tutor.answer(message, history=[Turn("user", "what is fine-tuning?")]), why="doesn't cover")
@@ -422,20 +468,25 @@ def test_a_question_in_the_course_words_with_a_fair_cosine_is_answered(ask):
 
 
 def test_rewrite_rules():
-    history = [Turn("user", "What is LoRA?"), Turn("assistant", "Low-rank adaptation.")]
-    assert Tutor._rewrite("and why is that?", history) == "What is LoRA? and why is that?"
-    assert Tutor._rewrite("why does it help?", history) == "What is LoRA? why does it help?"
+    assert Tutor._rewrite("and why is that?", "What is LoRA?") == "What is LoRA? and why is that?"
+    assert Tutor._rewrite("why does it help?", "What is LoRA?") == "What is LoRA? why does it help?"
     # single questions stay independent
-    assert Tutor._rewrite("What is overfitting in machine learning models?", history) == (
+    assert Tutor._rewrite("What is overfitting in machine learning models?", "What is LoRA?") == (
         "What is overfitting in machine learning models?"
     )
-    assert Tutor._rewrite("and why is that?", ()) == "and why is that?"
-    assert Tutor._rewrite("and why is that?", [Turn("assistant", "hello")]) == "and why is that?"
+    assert Tutor._rewrite("and why is that?", None) == "and why is that?"
     long = "and " + " ".join(["word"] * 20)
-    assert Tutor._rewrite(long, history) == long
-    # the latest user turn is the one used
+    assert Tutor._rewrite(long, "What is LoRA?") == long
+
+
+def test_the_previous_question_is_the_last_user_turn_that_is_not_small_talk(tutor, retriever):
     two = [Turn("user", "first question"), Turn("assistant", "a"), Turn("user", "second question")]
-    assert Tutor._rewrite("what about that?", two) == "second question what about that?"
+    assert tutor._previous_question(two, retriever) == "second question"
+    assert tutor._previous_question([Turn("assistant", "hello")], retriever) is None
+    assert tutor._previous_question((), retriever) is None
+    thanked = [Turn("user", "what is LoRA?"), Turn("assistant", "Low-rank adaptation."),
+               Turn("user", "thanks!"), Turn("assistant", "You're welcome!")]
+    assert tutor._previous_question(thanked, retriever) == "what is LoRA?"
 
 
 # --- the generative path: the tutor checks the model's words ---------------------------------------------
