@@ -191,13 +191,15 @@ def main() -> None:
     ap.add_argument("--show-misses", action="store_true")
     ap.add_argument("--no-dev", action="store_true", help="skip the blind development question set")
     ap.add_argument("--workers", type=int, default=8, help="questions asked at once (1: one at a time)")
+    ap.add_argument("--course", type=Path, default=ROOT / "courses" / "pretraining-finetuning",
+                    help="course folder (default: the sample course the question sets are written for)")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     data = yaml.safe_load(QUESTIONS.read_text(encoding="utf-8"))
     sets = {"": data}
     if not args.no_dev and DEV_QUESTIONS.is_file():
         sets["dev"] = yaml.safe_load(DEV_QUESTIONS.read_text(encoding="utf-8"))
-    course = load_course(ROOT / "courses" / "pretraining-finetuning")
+    course = load_course(args.course)
     emb = shared_minilm()
     retr = Retriever(KnowledgeIndex.build(course, emb), emb)
     with tempfile.TemporaryDirectory() as tmp:

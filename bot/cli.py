@@ -170,7 +170,7 @@ def search(
     """Search the course: hybrid dense + keyword retrieval, reading the course's aliases as the tutor does."""
     from knowledge.course import CourseError
     from knowledge.index import IndexError_
-    from knowledge.text import expand_aliases
+    from knowledge.text import course_reading
 
     if not query.strip():
         raise fail('give something to search for, e.g. tutorbot search "learning rate"', code=2)
@@ -180,7 +180,7 @@ def search(
         loaded, retriever = open_retriever(s)
     except (CourseError, IndexError_) as exc:
         raise fail(str(exc)) from None
-    expanded = expand_aliases(query, loaded.meta.aliases)
+    expanded = course_reading(query, loaded.meta.aliases)
     hits = retriever.search(expanded, k, section=section)
     if as_json:
         print_json_line([

@@ -14,6 +14,7 @@ whole (``CourseError`` lists every problem found), so a half-valid course never 
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import csv
 import io
@@ -296,6 +297,7 @@ def _load_lesson(root: Path, path: Path, problems: list[str], warnings: list[str
     if text is None:
         return None
     fm = FrontMatter()
+    skipped_lines = 0  # lines of front matter before ``text``: messages count lines in the file
     m = FRONT_MATTER_RE.match(text)
     if not m and FRONT_MATTER_OPEN_RE.match(text):
         problems.append(f"{rel}: front matter opened on line 1 is never closed with ---")
@@ -316,15 +318,22 @@ def _load_lesson(root: Path, path: Path, problems: list[str], warnings: list[str
         except ValidationError as exc:
             problems.append(f"{rel}: front matter: {_fmt_validation(exc)}")
             return None
+        skipped_lines = text.count("\n", 0, m.end())
         text = text[m.end():]
     if not text.strip():
         problems.append(f"{rel}: lesson is empty")
         return None
     fmt: Literal["markdown", "text"] = "markdown" if path.suffix.lower() == ".md" else "text"
-    if fmt == "markdown" and not re.sub(r"(?m)^#{1,6}[ \t]+.*$", "", text).strip():
-        problems.append(f"{rel}: lesson has headings but no text under them")
-        return None
-    text = _without_embedded_images(text, rel, warnings)
+    if fmt == "markdown":
+        before, commented = len(problems), "<!--" in text
+        text = without_comments(text, rel, problems, skipped_lines)
+        if len(problems) > before:
+            return None
+        if not re.sub(r"(?m)^#{1,6}[ \t]+.*$", "", text).strip():
+            problems.append(f"{rel}: lesson has headings but no text under them"
+                            + (" (only HTML comments, which students never see)" if commented else ""))
+            return None
+    text = _without_embedded_images(text, rel, warnings, skipped_lines)
     return Document(
         source=rel,
         title=fm.title or _title_from(text, path),
@@ -335,15 +344,64 @@ def _load_lesson(root: Path, path: Path, problems: list[str], warnings: list[str
     )
 
 
+# --- HTML comments in Markdown lessons --------------------------------------------------------------
+
+_COMMENT_OPEN = "<!--"
+_COMMENT_CLOSE = "-->"
+_FENCE_LINE = re.compile(r"^\s*(```|~~~)")
+
+
+def _fenced_lines(text: str) -> list[bool]:
+    """Per line: inside a fenced code block (the fence lines included)."""
+    out, inside = [], False
+    for line in text.split("\n"):
+        fence = bool(_FENCE_LINE.match(line))
+        out.append(inside or fence)
+        if fence:
+            inside = not inside
+    return out
+
+
+def without_comments(text: str, rel: str = "", problems: list[str] | None = None, skipped_lines: int = 0) -> str:
+    """A Markdown lesson with its HTML comments (``<!-- ... -->``, the author's notes, which Markdown
+    viewers hide too) blanked: every character but newlines becomes a space, so offsets and line
+    numbers hold. Comments inside fenced code blocks are code and stay. An unclosed comment, which
+    would hide the rest of the lesson in a viewer, goes to ``problems`` with the file and line."""
+    if _COMMENT_OPEN not in text:
+        return text
+    fenced = _fenced_lines(text)
+    line_starts = [0, *(i + 1 for i, ch in enumerate(text) if ch == "\n")]
+    chars = list(text)
+    pos = 0
+    while (start := text.find(_COMMENT_OPEN, pos)) >= 0:
+        line = bisect.bisect_right(line_starts, start)  # 1-based within ``text``
+        if fenced[line - 1]:
+            pos = start + len(_COMMENT_OPEN)
+            continue
+        end = text.find(_COMMENT_CLOSE, start + len(_COMMENT_OPEN))
+        if end < 0:
+            if problems is not None:
+                problems.append(f"{rel}: line {line + skipped_lines}: an HTML comment (<!--) is never closed "
+                                "with -->; everything after it would be hidden")
+            end = len(text)
+        else:
+            end += len(_COMMENT_CLOSE)
+        for i in range(start, end):
+            if chars[i] != "\n":
+                chars[i] = " "
+        pos = end
+    return "".join(chars)
+
+
 _EMBEDDED_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(\s*data:[^)]*\)|<img\b[^>]*\bsrc=[\"']?data:[^>]*>", re.IGNORECASE)
 
 
-def _without_embedded_images(text: str, rel: str, warnings: list[str] | None) -> str:
+def _without_embedded_images(text: str, rel: str, warnings: list[str] | None, skipped_lines: int = 0) -> str:
     """Images pasted into a lesson as data: URIs are kilobytes of base64 that nobody asks about and
     no embedder can read: each becomes its alt text, with a warning saying where it was."""
     def drop(m: re.Match) -> str:
         if warnings is not None:
-            line = text.count("\n", 0, m.start()) + 1
+            line = skipped_lines + text.count("\n", 0, m.start()) + 1
             warnings.append(f"{rel}: line {line}: an embedded image ({len(m[0]) // 1024 or 1} KiB data: URI) "
                             "was left out, the tutor reads text only; link the image file instead")
         return f"(image: {m[1].strip()})" if m[1] and m[1].strip() else ""

@@ -11,7 +11,7 @@ import Stemmer
 
 # A compact English stop-word list (function words only; domain words such as "model" are kept).
 STOPWORDS = frozenset(
-    ["a", "about", "above", "after", "again", "against", "all", "am", "an", "and", "any", "are", "aren't", "as", "at", "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "can't", "cannot", "could", "couldn't", "did", "didn't", "do", "does", "doesn't", "doing", "don't", "down", "during", "each", "few", "for", "from", "further", "had", "hadn't", "has", "hasn't", "have", "haven't", "having", "he", "he'd", "he'll", "he's", "her", "here", "here's", "hers", "herself", "him", "himself", "his", "how", "how's", "i", "i'd", "i'll", "i'm", "i've", "if", "in", "into", "is", "isn't", "it", "it's", "its", "itself", "let's", "me", "more", "most", "mustn't", "my", "myself", "no", "nor", "not", "of", "off", "on", "once", "only", "or", "other", "ought", "our", "ours", "ourselves", "out", "over", "own", "same", "shan't", "she", "she'd", "she'll", "she's", "should", "shouldn't", "so", "some", "such", "than", "that", "that's", "the", "their", "theirs", "them", "themselves", "then", "there", "there's", "these", "they", "they'd", "they'll", "they're", "they've", "this", "those", "through", "to", "too", "under", "until", "up", "very", "was", "wasn't", "we", "we'd", "we'll", "we're", "we've", "were", "weren't", "what", "what's", "when", "when's", "where", "where's", "which", "while", "who", "who's", "whom", "why", "why's", "with", "won't", "would", "wouldn't", "you", "you'd", "you'll", "you're", "you've", "your", "yours", "yourself", "yourselves", "also", "just", "get", "got", "may", "might", "must", "shall", "will", "would", "us", "im", "ive", "dont", "doesnt", "isnt", "whats", "hey", "hi", "hello", "please", "thanks", "thank", "ok", "okay", "yeah", "yes", "pls", "plz", "thx", "ty", "eli5", "tbh", "lol", "idk", "imo", "u", "ur"]
+    ["a", "about", "above", "after", "again", "against", "all", "am", "an", "and", "any", "are", "aren't", "as", "at", "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "can't", "cannot", "could", "couldn't", "did", "didn't", "do", "does", "doesn't", "doing", "don't", "down", "during", "each", "few", "for", "from", "further", "had", "hadn't", "has", "hasn't", "have", "haven't", "having", "he", "he'd", "he'll", "he's", "her", "here", "here's", "hers", "herself", "him", "himself", "his", "how", "how's", "i", "i'd", "i'll", "i'm", "i've", "if", "in", "into", "is", "isn't", "it", "it's", "its", "itself", "let's", "me", "more", "most", "mustn't", "my", "myself", "no", "nor", "not", "of", "off", "on", "once", "only", "or", "other", "ought", "our", "ours", "ourselves", "out", "over", "own", "same", "shan't", "she", "she'd", "she'll", "she's", "should", "shouldn't", "so", "some", "such", "than", "that", "that's", "the", "their", "theirs", "them", "themselves", "then", "there", "there's", "these", "they", "they'd", "they'll", "they're", "they've", "this", "those", "through", "to", "too", "under", "until", "up", "very", "was", "wasn't", "we", "we'd", "we'll", "we're", "we've", "were", "weren't", "what", "what's", "when", "when's", "where", "where's", "which", "while", "who", "who's", "whom", "why", "why's", "with", "won't", "would", "wouldn't", "you", "you'd", "you'll", "you're", "you've", "your", "yours", "yourself", "yourselves", "also", "just", "get", "got", "may", "might", "must", "shall", "will", "would", "us", "im", "ive", "dont", "doesnt", "isnt", "whats", "hey", "hi", "hello", "please", "thanks", "thank", "ok", "okay", "yeah", "yes", "pls", "plz", "thx", "ty", "eli5", "tbh", "lol", "idk", "imo", "u", "ur", "though", "although"]
 )
 _WORD_RE = re.compile(r"[a-z0-9]+(?:['’-][a-z0-9]+)*")
 # British and American spellings meet before stemming (the stemmer strips "-ize" but not "-ise",
@@ -81,3 +81,37 @@ def expand_aliases(text: str, aliases: tuple[tuple[str, str], ...]) -> str:
         return text
     meaning = dict(aliases)
     return _alias_pattern(tuple(meaning)).sub(lambda m: meaning[m.group(1).lower()], text)
+
+
+# Chat spellings students type, read as standard English before the course's own aliases: without
+# the apostrophe "thats" is no pronoun to the follow-up rule and "tho" is a word the course never
+# uses, so "how do i tell from the numbers if thats happening to me" lost its conversation.
+# Only unambiguous forms: "its", "lets", "were", "wed", "ill" and "r"/"y" are ordinary words too.
+CHAT_WORDS: dict[str, str] = {
+    "thats": "that's", "whats": "what's", "wheres": "where's", "whos": "who's", "hows": "how's", "whys": "why's",
+    "theres": "there's", "heres": "here's", "dont": "don't", "doesnt": "doesn't", "didnt": "didn't",
+    "isnt": "isn't", "arent": "aren't", "wasnt": "wasn't", "werent": "weren't", "cant": "can't",
+    "wont": "won't", "wouldnt": "wouldn't", "shouldnt": "shouldn't", "couldnt": "couldn't",
+    "havent": "haven't", "hasnt": "hasn't", "hadnt": "hadn't", "im": "I'm", "ive": "I've", "youre": "you're",
+    "theyre": "they're", "youve": "you've", "theyve": "they've", "u": "you", "ur": "your", "tho": "though",
+    "altho": "although", "thru": "through", "bc": "because", "bcs": "because", "cuz": "because",
+    "coz": "because", "pls": "please", "plz": "please", "abt": "about", "b4": "before",
+    "ppl": "people", "smth": "something", "sth": "something", "gonna": "going to", "wanna": "want to",
+    "gotta": "got to", "kinda": "kind of", "sorta": "sort of", "dunno": "don't know", "idk": "I don't know",
+    "rn": "right now", "w/o": "without", "w/": "with", "btw": "by the way", "imo": "in my opinion",
+    "tbh": "to be honest", "govt": "government", "diff": "difference",
+    "thx": "thanks", "ty": "thank you", "tysm": "thank you so much",
+}
+_CHAT_RE = re.compile(r"(?<![\w'’/-])(" + "|".join(map(re.escape, sorted(CHAT_WORDS, key=len, reverse=True))) + r")(?![\w'’-])", re.I)
+
+
+def standard_spelling(text: str) -> str:
+    """The text with chat spellings written out ("whats the diff tho" -> "what's the difference though")."""
+    if not text:
+        return text
+    return _CHAT_RE.sub(lambda m: CHAT_WORDS[m.group(1).lower()], text)
+
+
+def course_reading(text: str, aliases: tuple[tuple[str, str], ...]) -> str:
+    """How the tutor reads a student's words: chat spellings written out, then the course's aliases."""
+    return expand_aliases(standard_spelling(text), aliases)

@@ -57,7 +57,7 @@ from knowledge.embedder import VectorCache  # noqa: E402
 from knowledge.generation import GenerationError, GenerationRequest, Generator, Passage  # noqa: E402
 from knowledge.retriever import Hit, Retriever  # noqa: E402
 from knowledge.smalltalk import SmallTalk, SmallTalkDetector, reply  # noqa: E402
-from knowledge.text import expand_aliases, keyword_tokens  # noqa: E402
+from knowledge.text import course_reading, keyword_tokens, standard_spelling  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,12 @@ log = logging.getLogger(__name__)
 MIN_COSINE = 0.36
 MIN_COSINE_WITH_KEYWORDS = 0.20
 MIN_BM25_FOR_KEYWORDS = 3.0
+# A passage that shares several of the question's rare words is about it even when MiniLM misses the
+# meaning: "can someone explain the customer support example from step 4, the one with chat logs"
+# reaches BM25 8.1 on the section it names at cosine 0.11. The off-topic and hostile messages of every
+# question set and the small-talk sets reach at most BM25 3.7 ("play some music").
+MIN_BM25_STRONG = 6.0
+MIN_COSINE_STRONG_KEYWORDS = 0.05
 SHORT_QUESTION_TERMS = 3  # a question of at most this many content words, all of them course terms
 MIN_COSINE_COURSE_TERMS = 0.15  # ... needs only this cosine ("what are adapters?" reaches 0.196)
 MIN_COURSE_COVERAGE = 0.6  # share of the question's words that the course uses ...
@@ -128,7 +134,9 @@ _ABOUT_THE_TUTOR = re.compile(
     re.IGNORECASE,
 )
 _HEDGED = re.compile(r"\b(some (people )?(believe|think|assume)|misconception|myth|wrong approach|it is a mistake)\b", re.I)
-_SCAFFOLD = re.compile(r"^(question|reasoning|common mistakes?|answer|option [a-f]|step \d+)\b[^.]{0,40}:", re.I)
+# Exercise scaffolding is not an answer ("Question (easy): ...", "Option B: ..."); a worked example's
+# "Answer: ..." and "Reasoning: ..." lines are the answer and its explanation.
+_SCAFFOLD = re.compile(r"^(question|common mistakes?|option [a-f]|step \d+)\b[^.]{0,40}:", re.I)
 _CITATION = re.compile(r"\[\d+(?:,\s*\d+)*\]|\b(the )?answer is:?\s*|\bsource:?\s*\[?\d*\]?", re.I)
 _NOT_COVERED = re.compile(r"(does not|doesn't|do not|don't) (cover|mention|say|answer)|not covered|no information", re.I)
 
@@ -270,7 +278,8 @@ class Tutor:
         """The query (the message, read with the conversation when it is a follow-up, aliases
         spelled out), its hits, and the hits that show the course covers it."""
         aliases = self.course.meta.aliases
-        plain = expand_aliases(text, aliases)
+        text = standard_spelling(text)  # "thats" is a pronoun and "tho" no foreign word to the rules below
+        plain = course_reading(text, aliases)
         # A message is read with the conversation's last question only when it brings at most one
         # word of its own that the course never uses: "why does that help tho" is a follow-up,
         # "which crypto should i buy this week" is not, whatever came before it.
@@ -278,13 +287,13 @@ class Tutor:
         # One about the tutor itself ("what's your favourite movie?") follows no lesson either.
         if previous and (not self._may_follow(plain, retriever) or _ABOUT_THE_TUTOR.search(text)):
             previous = None
-        query = expand_aliases(self._rewrite(text, previous), aliases)
+        query = course_reading(self._rewrite(text, previous), aliases)
         hits = self._search(query, retriever)
         relevant = self._relevant(hits, query, retriever)
         if not relevant and previous and query == plain:
             # A follow-up with no pronoun to give it away ("how small are we talking"): when the
             # message alone finds nothing, read it with the conversation's last question.
-            joined = expand_aliases(f"{previous} {text}", aliases)
+            joined = course_reading(f"{previous} {text}", aliases)
             joined_hits = self._search(joined, retriever)
             joined_relevant = self._relevant(joined_hits, joined, retriever)
             # (A pronoun's follow-up is not held to this: "ok so what should i do instead then"
@@ -303,7 +312,7 @@ class Tutor:
         passage found is less close to the pair than to the last question alone. "give me a cookie
         recipe" after "what is fine-tuning?" finds fine-tuning passages through the last question's
         words, each 0.11-0.19 less close to the pair; a real follow-up moves towards at least one."""
-        before = retriever.cosines(expand_aliases(previous, self.course.meta.aliases), hits)
+        before = retriever.cosines(course_reading(previous, self.course.meta.aliases), hits)
         return max(h.dense_score - c for h, c in zip(hits, before, strict=True)) < -FOLLOWUP_MAX_DILUTION
 
     def _previous_question(self, history: Sequence[Turn], retriever: Retriever) -> str | None:
@@ -340,6 +349,7 @@ class Tutor:
             if h.dense_score >= self.min_cosine
             or (h.dense_score >= MIN_COSINE_WITH_KEYWORDS and h.bm25_score >= MIN_BM25_FOR_KEYWORDS)
             or (course_terms and h.dense_score >= MIN_COSINE_COURSE_TERMS)
+            or (h.dense_score >= MIN_COSINE_STRONG_KEYWORDS and h.bm25_score >= MIN_BM25_STRONG)
         ]
         if out or not toks or len(toks & vocab) / len(toks) < MIN_COURSE_COVERAGE:
             return out

@@ -606,3 +606,39 @@ def test_a_lesson_with_another_text_suffix_is_named_in_a_warning(tmp_path):
     assert [d.source for d in course.documents] == ["lessons/01-basics.md", "lessons/02-lora.txt"]
     assert "lessons/03-extra.markdown: not read: lessons are .md or .txt files (rename it to read it)" in course.warnings
     assert not any("figure.png" in w for w in course.warnings)  # images beside lessons are fine
+
+
+# --- HTML comments ---------------------------------------------------------------------------------
+
+
+def test_html_comments_are_the_authors_and_never_reach_students(tmp_path):
+    lesson = ("---\ntitle: Notes\n---\n## Section\n<!-- TODO: check the numbers with Sam -->\n\nVisible text.\n\n"
+              "<!--\nA note\nover lines\n-->\nMore text.\n\n```html\n<!-- a comment in code is code -->\n```\n")
+    c = load_course(broken(tmp_path, {"lessons/03-notes.md": lesson}))
+    doc = next(d for d in c.documents if d.source == "lessons/03-notes.md")
+    assert "TODO" not in doc.text and "over lines" not in doc.text
+    assert "Visible text." in doc.text and "More text." in doc.text
+    assert "<!-- a comment in code is code -->" in doc.text
+    assert doc.text.count("\n") == lesson.split("---\n", 2)[2].count("\n")  # line numbers hold
+    from knowledge.chunking import chunk_course
+
+    texts = " ".join(ch.text for ch in chunk_course(c) if ch.source == "lessons/03-notes.md")
+    assert "TODO" not in texts and "A note" not in texts and "Visible text." in texts
+
+
+def test_an_unclosed_html_comment_is_refused_with_its_line_in_the_file(tmp_path):
+    err = refused(broken(tmp_path, {"lessons/03-notes.md": "---\ntitle: Notes\n---\n## Section\n\nText.\n\n<!-- draft\nMore.\n"}))
+    assert problem_about(err, "lessons/03-notes.md") == (
+        "lessons/03-notes.md: line 8: an HTML comment (<!--) is never closed with -->; everything after it would be hidden")
+
+
+def test_a_lesson_of_only_comments_is_refused(tmp_path):
+    err = refused(broken(tmp_path, {"lessons/03-notes.md": "## Section\n\n<!-- to be written -->\n"}))
+    assert problem_about(err, "lessons/03-notes.md") == (
+        "lessons/03-notes.md: lesson has headings but no text under them (only HTML comments, which students never see)")
+
+
+def test_line_numbers_in_warnings_count_the_front_matter(tmp_path):
+    blob = "iVBORw0KGgo" + "A" * 2000
+    c = load_course(broken(tmp_path, {"lessons/03-fig.md": f"---\ntitle: Fig\norder: 3\n---\n## A figure\n\n![x](data:image/png;base64,{blob})\n"}))
+    assert any(w.startswith("lessons/03-fig.md: line 7: an embedded image") for w in c.warnings), c.warnings

@@ -2,7 +2,7 @@
 
 import pytest
 
-from knowledge.text import expand_aliases, keyword_tokens, phrase_terms
+from knowledge.text import course_reading, expand_aliases, keyword_tokens, phrase_terms, standard_spelling
 
 
 @pytest.mark.parametrize(
@@ -63,3 +63,26 @@ def test_expand_aliases(text, expected):
 
 def test_no_aliases_leaves_the_text_alone():
     assert expand_aliases("typical lr?", ()) == "typical lr?"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("how do i tell if thats happening", "how do i tell if that's happening"),
+        ("whats the diff tho", "what's the difference though"),
+        ("Dont u need a GPU?", "don't you need a GPU?"),
+        ("bc ur lr is too high", "because your lr is too high"),
+        ("train w/ dropout and w/o it", "train with dropout and without it"),
+        # ordinary words and other spellings are left alone
+        ("its weights were frozen, lets see", "its weights were frozen, lets see"),
+        ("cosine of u-net, thatsit, that's", "cosine of u-net, thatsit, that's"),
+        ("", ""),
+    ],
+)
+def test_standard_spelling_writes_chat_spellings_out(text, expected):
+    assert standard_spelling(text) == expected
+
+
+def test_course_reading_writes_chat_spellings_out_then_the_aliases():
+    assert course_reading("whats a good lr tho", ALIASES) == "what's a good learning rate though"
+    assert keyword_tokens(course_reading("why tho", ALIASES)) == []  # "though" is a stop word like "tho" was not

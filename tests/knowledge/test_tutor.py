@@ -410,6 +410,19 @@ def test_a_follow_up_without_a_pronoun_falls_back_to_the_history(tutor):
     assert "learning rate" in a.text.lower()
 
 
+@pytest.mark.parametrize("spelling", ["thats", "that's"])
+def test_a_follow_up_typed_without_apostrophes_still_follows(tutor, spelling):
+    # "thats" is the pronoun "that's" and "tho" no word of its own: both read as a follow-up
+    q = f"how do i tell from the numbers if {spelling} happening to me"
+    assert tutor.answer(q).answered is False
+    a = tutor.answer(q, history=[Turn("user", "what is overfitting?")])
+    assert a.answered is True and a.question == q
+    assert "validation accuracy" in a.text.lower()
+    why = tutor.answer("why is there dropout in there twice tho",
+                       history=[Turn("user", "what was the classification head in the movie review experiment?")])
+    assert why.answered is True and why.sources[0].section.startswith("Change 2")
+
+
 @pytest.mark.parametrize("message", ["who won the world cup?", "what's the capital of France?",
                                      "write me a poem about my cat", "which crypto should i buy this week",
                                      "how do convolutional layers work in a CNN?",
@@ -465,6 +478,21 @@ def test_a_question_in_the_course_words_with_a_fair_cosine_is_answered(ask):
     # Most of its words are the course's own, its cosine (0.29) is below MIN_COSINE and its BM25 below 3.
     a = ask("how do i check my finetuned model didnt actually get worse before i ship it")
     assert a.answered is True and "validation" in a.text.lower()
+
+
+def test_a_question_that_names_a_section_in_its_words_is_answered(ask):
+    # MiniLM puts it at cosine 0.11 from the section it names; its rare words (customer, support,
+    # chat, logs, step 4) give BM25 8.1, far above any off-topic message's (at most 3.7)
+    a = ask("can someone explain the customer support example from step 4, the one with chat logs")
+    assert a.answered is True and a.sources[0].section.startswith("Step 4")
+    assert "customer" in a.text.lower()
+
+
+def test_a_worked_example_answers_with_its_reasoning_not_its_question(ask):
+    # "Reasoning: ..." and "Answer: ..." lines explain; the exercise's "Question (easy): ..." does not
+    a = ask("isnt pretraining mostly for evaluating how good the model is")
+    assert a.answered is True and a.sources[0].section.startswith("Worked example 1")
+    assert "Reasoning: pre-training runs on big datasets" in a.text and "Question (" not in a.text
 
 
 def test_rewrite_rules():
