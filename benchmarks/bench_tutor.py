@@ -36,6 +36,10 @@ QUESTIONS = ROOT / "benchmarks" / "data" / "tutor_questions.yaml"
 # A second, blind set written after the tutor's rules were tuned on the first (the one to tune on
 # from now on: the first stays the one reported against the targets).
 DEV_QUESTIONS = ROOT / "benchmarks" / "data" / "tutor_questions_dev.yaml"
+# Written blind on 2026-12-07 (see each file's header): A was then looked at while changing the tutor,
+# B was first scored after those changes and is the one that says how the tutor does on new questions.
+BLIND_SETS = {"blind A": ROOT / "benchmarks" / "data" / "tutor_questions_blind_a.yaml",
+              "blind B": ROOT / "benchmarks" / "data" / "tutor_questions_blind_b.yaml"}
 SMALL_TALK = ROOT / "benchmarks" / "data" / "tutor_smalltalk.yaml"
 PUBLISHED_COSINE = [("GPT-4o", 0.679), ("GPT-4o-mini", 0.680), ("GPT-3.5", 0.658)]
 
@@ -189,7 +193,7 @@ def main() -> None:
     ap.add_argument("--faq-sample", type=int, default=300)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--show-misses", action="store_true")
-    ap.add_argument("--no-dev", action="store_true", help="skip the blind development question set")
+    ap.add_argument("--no-dev", action="store_true", help="only the first question set (skip the dev and blind sets)")
     ap.add_argument("--workers", type=int, default=8, help="questions asked at once (1: one at a time)")
     ap.add_argument("--course", type=Path, default=ROOT / "courses" / "pretraining-finetuning",
                     help="course folder (default: the sample course the question sets are written for)")
@@ -197,8 +201,10 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     data = yaml.safe_load(QUESTIONS.read_text(encoding="utf-8"))
     sets = {"": data}
-    if not args.no_dev and DEV_QUESTIONS.is_file():
-        sets["dev"] = yaml.safe_load(DEV_QUESTIONS.read_text(encoding="utf-8"))
+    if not args.no_dev:
+        for label, path in {"dev": DEV_QUESTIONS, **BLIND_SETS}.items():
+            if path.is_file():
+                sets[label] = yaml.safe_load(path.read_text(encoding="utf-8"))
     course = load_course(args.course)
     emb = shared_minilm()
     retr = Retriever(KnowledgeIndex.build(course, emb), emb)
@@ -230,12 +236,17 @@ def main() -> None:
     lines = [
         "## Tutor answer quality",
         "",
-        "`.venv/bin/python benchmarks/bench_tutor.py`: the sample course's question set "
+        "`.venv/bin/python benchmarks/bench_tutor.py`: the sample course's first question set "
         f"({len(data['questions'])} student questions with the facts an answer must contain, "
-        f"{len(data['offtopic'])} off-topic or hostile messages), {args.workers} question(s) at a time."
-        + (f" Rows marked \"dev set\": the blind development set ({len(sets['dev']['questions'])} questions, "
+        f"{len(data['offtopic'])} off-topic or hostile messages; the tutor's rules were tuned on it over many "
+        f"sessions), {args.workers} question(s) at a time."
+        + (f" Rows marked \"dev set\": the development set ({len(sets['dev']['questions'])} questions, "
            f"{len(sets['dev']['offtopic'])} off-topic messages, benchmarks/data/tutor_questions_dev.yaml), "
-           "written after the rules were tuned on the first set." if "dev" in sets else ""),
+           "written after the rules were tuned on the first set, and tuned on since." if "dev" in sets else "")
+        + (" Rows marked \"blind A\" and \"blind B\": two sets of 40 questions and 10 off-topic messages written on "
+           "2026-12-07 by writers who saw no tutor answer (benchmarks/data/tutor_questions_blind_*.yaml); A's misses "
+           "were then looked at while the tutor was changed, B was first scored after those changes: **blind B is "
+           "the measure of how the tutor does on questions nobody tuned it for**." if "blind B" in sets else ""),
         "",
         stamp(),
         "",

@@ -133,6 +133,7 @@ _ABOUT_THE_TUTOR = re.compile(
     r"|\bwho\s+(are|r)\s+(you|u)\b",
     re.IGNORECASE,
 )
+_EMPHASIS = re.compile(r"\*\*[^*\n]+\*\*|(?<![\w*])\*[^*\n]+\*(?![\w*])|(?<!\w)__[^_\n]+__(?!\w)|`[^`\n]+`")
 _HEDGED = re.compile(r"\b(some (people )?(believe|think|assume)|misconception|myth|wrong approach|it is a mistake)\b", re.I)
 # Exercise scaffolding is not an answer ("Question (easy): ...", "Option B: ..."); a worked example's
 # "Answer: ..." and "Reasoning: ..." lines are the answer and its explanation.
@@ -192,7 +193,7 @@ class Tutor:
         self.min_cosine = min_cosine
         self.max_new_tokens = max_new_tokens
         self._swap_lock = threading.Lock()
-        self._vocab_cache: tuple[object, frozenset[str]] | None = None
+        self._vocab_cache: tuple[object, frozenset[str], frozenset[str]] | None = None
         self._vectors = VectorCache()  # the passages' sentences (and questions) embedded once
         # False: every message is read as a question (the benchmark's baseline)
         self._small_talk = SmallTalkDetector() if small_talk else None
@@ -343,7 +344,7 @@ class Tutor:
         stays the same (more passages would mean longer prompts, slower and no better answers)."""
         toks = set(keyword_tokens(query))
         vocab = self._vocabulary(retriever)
-        course_terms = 0 < len(toks) <= SHORT_QUESTION_TERMS and toks <= vocab
+        course_terms = 0 < len(toks) <= SHORT_QUESTION_TERMS and toks <= self._terms(retriever)
         out = [
             h for h in hits
             if h.dense_score >= self.min_cosine
@@ -361,12 +362,23 @@ class Tutor:
 
     def _vocabulary(self, retriever: Retriever) -> frozenset[str]:
         """Keyword tokens of every passage of the index (cached per index)."""
+        return self._words_of(retriever)[0]
+
+    def _terms(self, retriever: Retriever) -> frozenset[str]:
+        """The course's terms: the keyword tokens of its headings, FAQ questions and emphasised words
+        ("LoRA", "adapters", "overfitting"). A short question made only of these is about the course;
+        one made of words the course merely uses ("what's good", "how are things") is not."""
+        return self._words_of(retriever)[1]
+
+    def _words_of(self, retriever: Retriever) -> tuple[frozenset[str], frozenset[str]]:
         index = retriever.index
         cached = self._vocab_cache
         if cached is None or cached[0] is not index:
             vocab = frozenset(t for c in index.chunks for t in keyword_tokens(c.keyword_text))
-            self._vocab_cache = cached = (index, vocab)
-        return cached[1]
+            named = " ".join(f"{c.title} {c.section} {c.question} " + " ".join(m.group(0) for m in _EMPHASIS.finditer(c.text))
+                             for c in index.chunks)
+            self._vocab_cache = cached = (index, vocab, frozenset(keyword_tokens(named)))
+        return cached[1], cached[2]
 
     def _confidence(self, hits: list[Hit]) -> float:
         """How closely the best passage matches the question: 0 at MIN_COSINE_WITH_KEYWORDS, 1 from

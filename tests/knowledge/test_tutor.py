@@ -488,6 +488,14 @@ def test_a_question_that_names_a_section_in_its_words_is_answered(ask):
     assert "customer" in a.text.lower()
 
 
+@pytest.mark.parametrize("message", ["whats good", "what's good", "how are things"])
+def test_a_short_message_of_words_the_course_merely_uses_is_not_a_course_question(ask, message):
+    # "good" and "thing" occur in the lessons, but a short question is read as the course's own only
+    # when its words are the course's terms (headings, emphasised words): "what is LoRA?" is
+    assert_declined(ask(message), why="doesn't cover")
+    assert ask("what is LoRA?").answered is True and ask("dropout?").answered is True
+
+
 def test_a_worked_example_answers_with_its_reasoning_not_its_question(ask):
     # "Reasoning: ..." and "Answer: ..." lines explain; the exercise's "Question (easy): ..." does not
     a = ask("isnt pretraining mostly for evaluating how good the model is")
