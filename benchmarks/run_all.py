@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_retrieval", "bench_generation", "bench_tutor", "bench_leaderboard", "bench_finetune"]
+ORDER = ["bench_retrieval", "bench_generation", "bench_concurrency", "bench_tutor", "bench_leaderboard", "bench_finetune"]
 
 
 def main() -> int:
