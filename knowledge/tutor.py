@@ -142,6 +142,21 @@ _CITATION = re.compile(r"\[\d+(?:,\s*\d+)*\]|\b(the )?answer is:?\s*|\bsource:?\
 _NOT_COVERED = re.compile(r"(does not|doesn't|do not|don't) (cover|mention|say|answer)|not covered|no information", re.I)
 
 
+# A list item quoted as a sentence starts as its author wrote it ("a Dense layer with 64 units"):
+# capitalised for reading, after a sentence's end but not after an abbreviation ("e.g. a").
+_LOWER_START = re.compile(r"(?:^|(\S*)[.!?]\s+)([a-z])")
+_ABBREVIATIONS = frozenset({"e.g", "i.e", "vs", "etc", "approx", "cf", "incl", "fig"})
+
+
+def _sentence_case(text: str) -> str:
+    def up(m: re.Match) -> str:
+        before = (m.group(1) or "").lower()
+        if m.start() > 0 and before.strip("(") in _ABBREVIATIONS:
+            return m.group(0)
+        return m.group(0)[:-1] + m.group(2).upper()
+    return _LOWER_START.sub(up, text)
+
+
 def _self_repeating(tokens: list[str]) -> bool:
     """A sentence that says the same thing twice ("fine-tuning is a process of fine-tuning")."""
     if len(tokens) < 4:
@@ -263,8 +278,11 @@ class Tutor:
         # full answers, 26/60 from the top hits whatever their cosine); extraction reads the retriever's
         # ranking once the rule says the course covers the question: "how many epochs did they train
         # for in the experiment" ranks Change 4 (up to 20 epochs) first at cosine 0.29, below the rule.
-        return done(text=self._extract(query, hits, retriever), answered=True, confidence=confidence,
-                    sources=self._sources(hits), mode="extractive")
+        extracted, quoted = self._extract(query, hits, retriever)
+        # the passages quoted come first among the sources (one may rank below the top three)
+        cited = [hits[i] for i in quoted] + [h for i, h in enumerate(hits) if i not in quoted]
+        return done(text=extracted, answered=True, confidence=confidence, sources=self._sources(cited),
+                    mode="extractive")
 
     def context_for(self, question: str) -> tuple[Passage, ...]:
         """The passages the answer model is given for this question asked on its own: the same
@@ -409,9 +427,10 @@ class Tutor:
     def _passages(hits: list[Hit]) -> tuple[Passage, ...]:
         return tuple(Passage(h.chunk.title, h.chunk.section, h.chunk.text, h.source) for h in hits[:GEN_PASSAGES])
 
-    def _extract(self, query: str, hits: list[Hit], retriever: Retriever) -> str:
+    def _extract(self, query: str, hits: list[Hit], retriever: Retriever) -> tuple[str, list[int]]:
         """The best sentences of the top passages, in reading order: cosine to the question plus
-        keyword overlap, from the passage of the top lesson that answers best."""
+        keyword overlap, from the passage of the top lesson that answers best; and the positions in
+        ``hits`` of the passages quoted, in the order the answer quotes them."""
         cands: list[tuple[int, int, str]] = []
         for pi, h in enumerate(hits[:EXTRACT_PASSAGES]):
             if pi >= GEN_PASSAGES and h.source != hits[0].source:
@@ -420,7 +439,7 @@ class Tutor:
                 if len(s) >= 20 and not s.endswith((":", "?")):
                     cands.append((pi, si, s))
         if not cands:
-            return hits[0].excerpt(400)
+            return hits[0].excerpt(400), [0]
         vecs = self._vectors.encode(retriever.embedder, [query] + [c[2] for c in cands])
         cos = vecs[1:] @ vecs[0]
         qtok = set(keyword_tokens(query))
@@ -462,7 +481,7 @@ class Tutor:
         # A second passage often holds the other half of the answer ("how did they fix it?" spans
         # several sections): add its best sentence when it scores close to the best one, while the
         # answer stays within MAX_ANSWER_SENTENCES.
-        extra = 0
+        extra, quoted = 0, [bp]
         for other in sorted({c[0] for c in cands} - {bp}):
             if extra >= EXTRACT_MAX_EXTRA or len(parts) + bool(lead) >= MAX_ANSWER_SENTENCES:
                 break
@@ -473,9 +492,11 @@ class Tutor:
                     and len(" ".join(parts)) + len(cands[j][2]) <= EXTRACT_MAX_CHARS + EXTRACT_EXTRA_CHARS):
                 parts.append(cands[j][2])
                 extra += 1
+                quoted.append(other)
         if lead:
             parts = [f"{lead}.", *parts[: MAX_ANSWER_SENTENCES - 1]]
-        return " ".join(parts)
+            quoted = [pi for pi in quoted if pi == bp or any(c[0] == pi and c[2] in parts for c in cands)]
+        return _sentence_case(" ".join(parts)), quoted
 
     @staticmethod
     def _choose_passage(hits: list[Hit], best_cosine: dict[int, float]) -> int:

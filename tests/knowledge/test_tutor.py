@@ -100,7 +100,7 @@ def test_answers_in_course_questions_with_sources(ask, question, section, fact):
         assert s.source.startswith("lessons/") and s.source.endswith(".md")
         assert s.label == f"{s.title} > {s.section}" and " > " in s.label  # cited as lesson > section
         assert s.excerpt and s.score > 0
-    assert [s.score for s in a.sources] == sorted((s.score for s in a.sources), reverse=True)
+    assert len({(s.source, s.section) for s in a.sources}) == len(a.sources)  # each passage cited once
     assert len(list(sentences(a.text))) <= 4 and len(a.text) <= 800  # short: at most four sentences
     assert not a.text.startswith("#") and "**" not in a.text
     assert a.latency_ms > 0
@@ -111,10 +111,10 @@ def test_the_answer_may_come_from_another_lesson_than_the_top_hit(ask):
     # Choosing only among the top lesson's passages answered with the cheat sheet's definition of
     # fine-tuning instead.
     a = ask("what does training a model mean? i'm a beginner")
-    assert a.answered and a.sources[0].title.startswith("Cheat Sheet")
+    assert a.answered and any(s.title.startswith("Cheat Sheet") for s in a.sources)
     assert "teaching it from examples" in a.text and "patterns" in a.text
     assert not a.text.startswith("Fine-tuning means")
-    assert any(s.section.startswith("Step 1") for s in a.sources)  # the answer's passage is cited
+    assert a.sources[0].section.startswith("Step 1")  # the answer's passage is cited first
 
 
 def test_the_answer_reads_the_ranking_not_only_the_passages_that_made_it_answerable(ask, tutor):
@@ -136,6 +136,30 @@ def test_answer_text_comes_from_the_cited_course(ask, course):
     for s in sentences(a.text):
         core = s.rstrip(".")[:60]
         assert core in plain or core in course_text, s
+
+
+@pytest.mark.parametrize("question", [
+    "Hello, sorry for my english. Why the model is learning more fast when it was pre-trained before?",
+    "so with this 2 stage approach does every new task still need a massive dataset of its own, or is less ok",
+    "what layers did they stick on top of the frozen model in the sentiment experiment",
+    "which hyperparameters matter most for not overfitting during finetuning?",
+])
+def test_every_quoted_sentence_is_in_a_cited_passage_and_the_first_source_is_quoted_first(tutor, question):
+    # the answer may quote a passage ranked below the top three: it is cited all the same, first
+    a = tutor.answer(question)
+    assert a.answered
+
+    def plain(text: str) -> str:
+        return " ".join(re.sub(r"[*_`]", "", text).split())
+
+    cited = [" ".join(plain(c.text) for c in tutor.retriever.index.chunks if (c.source, c.section) == (s.source, s.section))
+             for s in a.sources]
+    headings = {s.section.rsplit(" > ", 1)[-1] for s in a.sources}
+    quoted = [x for x in sentences(a.text) if x.rstrip(".") not in headings]  # a heading may lead the answer
+    assert quoted
+    for x in quoted:
+        assert any(x.rstrip(".")[:50] in c for c in cited), x
+    assert quoted[0].rstrip(".")[:50] in cited[0]
 
 
 # --- declining -----------------------------------------------------------------------------------------
@@ -421,6 +445,8 @@ def test_a_follow_up_typed_without_apostrophes_still_follows(tutor, spelling):
     why = tutor.answer("why is there dropout in there twice tho",
                        history=[Turn("user", "what was the classification head in the movie review experiment?")])
     assert why.answered is True and why.sources[0].section.startswith("Change 2")
+    # the head's list items, written in lower case, are quoted as sentences that start in upper case
+    assert "A Dense layer with 64 units" in why.text and not re.search(r"[.!?] [a-z]", why.text)
 
 
 @pytest.mark.parametrize("message", ["who won the world cup?", "what's the capital of France?",
