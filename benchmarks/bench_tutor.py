@@ -104,6 +104,24 @@ def question_set(tutor: Tutor, data: dict, workers: int) -> dict:
     }
 
 
+def follow_ups(tutor: Tutor, sets: dict[str, dict]) -> dict:
+    """The follow-ups of every set asked after the tutor's own answer to the question before them
+    (the sets' histories hold an author's answer, a conversation holds the tutor's): how many get
+    every fact, and how many get the tutor's previous answer again, word for word."""
+    n = full = repeated = 0
+    for data in sets.values():
+        for q in data["questions"]:
+            asked = [t["content"] for t in q.get("history") or [] if t["role"] == "user"]
+            if not asked:
+                continue
+            before = tutor.answer(asked[-1])
+            a = tutor.answer(q["question"], history=[Turn("user", asked[-1]), Turn("assistant", before.text)])
+            n += 1
+            full += a.answered and all(covers(a.text, f) for f in q["facts"])
+            repeated += before.answered and a.text == before.text
+    return {"n": n, "full": full, "repeated": repeated}
+
+
 def burst(tutor: Tutor, questions: list[str], rounds: int = 5, size: int = 8) -> dict:
     """Median time for one question alone, for ``size`` questions asked at once (until all are
     answered) and, as the baseline, for the same questions answered one after another. The course's
@@ -227,6 +245,7 @@ def main() -> None:
                           talk_sets, data["questions"][0]["question"])
         bursts = burst(Tutor(course, retr, None, mode="extractive"), [q["question"] for q in data["questions"]]) \
             if "extractive" in modes else None
+        chat = follow_ups(Tutor(course, retr, None, mode="extractive"), sets) if "extractive" in modes else None
     rows = []
     for mode, r in results.items():
         rows.append([mode, f"{r['full']}/{r['n']} ({r['full'] / r['n']:.0%})", f"{r['facts_hit']}/{r['facts_total']}",
@@ -263,6 +282,11 @@ def main() -> None:
                   "baseline: the same tutor reading every message as a question (`Tutor(small_talk=False)`):", "",
               table(["set", "messages", "asked", "tutor", "not answered from the course", "reply in kind",
                      "answered from the course"], talk)]
+    if chat:
+        lines += ["", f"Follow-ups in a conversation (extractive): the {chat['n']} follow-ups of the sets above, each asked "
+                      "after the tutor's own answer to the question before it: "
+                      f"{chat['full']}/{chat['n']} with every fact; {chat['repeated']}/{chat['n']} answered with the "
+                      "tutor's previous answer again, word for word."]
     if bursts:
         b = bursts
         lines += ["", f"Questions asked at once (extractive answers, what students get until a model is promoted; "

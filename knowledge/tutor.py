@@ -104,6 +104,7 @@ EXTRACT_MAX_EXTRA = 1  # sentences taken from passages other than the chosen one
 EXTRACT_REDUNDANT = 0.8  # ... unless it restates one already given (cosine to it)
 EXTRACT_EXTRA_MARGIN = 0.15  # measured: 0 -> 35/60 full answers, 0.05 -> 38, 0.2 -> 39 (before whole passages; with them 0.1-0.2 -> 43-44)
 MAX_ANSWER_SENTENCES = 4
+SHOWN_PENALTY = 0.2  # a sentence of the tutor's previous answer in the conversation counts for this much less
 SUPPORT_MIN = 0.6  # share of a generated sentence's content words that must appear in the passages
 MIN_SENTENCE_SUPPORT = 0.55  # cosine of a generated sentence to its closest passage sentence
 
@@ -155,6 +156,11 @@ def _sentence_case(text: str) -> str:
             return m.group(0)
         return m.group(0)[:-1] + m.group(2).upper()
     return _LOWER_START.sub(up, text)
+
+
+def _said(sentence: str) -> str:
+    """A sentence as compared with what the tutor said before (case and spacing aside)."""
+    return " ".join(sentence.lower().split())
 
 
 def _self_repeating(tokens: list[str]) -> bool:
@@ -278,7 +284,9 @@ class Tutor:
         # full answers, 26/60 from the top hits whatever their cosine); extraction reads the retriever's
         # ranking once the rule says the course covers the question: "how many epochs did they train
         # for in the experiment" ranks Change 4 (up to 20 epochs) first at cosine 0.29, below the rule.
-        extracted, quoted = self._extract(query, hits, retriever)
+        last = next((t.content for t in reversed(history) if t.role == "assistant"), "")
+        shown = frozenset(_said(x) for x in sentences(last))
+        extracted, quoted = self._extract(query, hits, retriever, shown)
         # the passages quoted come first among the sources (one may rank below the top three)
         cited = [hits[i] for i in quoted] + [h for i, h in enumerate(hits) if i not in quoted]
         return done(text=extracted, answered=True, confidence=confidence, sources=self._sources(cited),
@@ -427,10 +435,13 @@ class Tutor:
     def _passages(hits: list[Hit]) -> tuple[Passage, ...]:
         return tuple(Passage(h.chunk.title, h.chunk.section, h.chunk.text, h.source) for h in hits[:GEN_PASSAGES])
 
-    def _extract(self, query: str, hits: list[Hit], retriever: Retriever) -> tuple[str, list[int]]:
+    def _extract(
+        self, query: str, hits: list[Hit], retriever: Retriever, shown: frozenset[str] = frozenset(),
+    ) -> tuple[str, list[int]]:
         """The best sentences of the top passages, in reading order: cosine to the question plus
         keyword overlap, from the passage of the top lesson that answers best; and the positions in
-        ``hits`` of the passages quoted, in the order the answer quotes them."""
+        ``hits`` of the passages quoted, in the order the answer quotes them. Sentences in ``shown``
+        (the tutor's previous answer in this conversation) count for less."""
         cands: list[tuple[int, int, str]] = []
         for pi, h in enumerate(hits[:EXTRACT_PASSAGES]):
             if pi >= GEN_PASSAGES and h.source != hits[0].source:
@@ -449,13 +460,16 @@ class Tutor:
             # never state a misconception as the answer, nor echo exercise scaffolding
             penalty = 0.3 if _HEDGED.search(s) else 0.0
             penalty += 0.3 if _SCAFFOLD.match(s) else 0.0
+            if shown and _said(s) in shown:
+                penalty += SHOWN_PENALTY
             scores.append(c + 0.3 * overlap - 0.05 * pi - penalty)
         # The passage: mostly retrieval's order (sentence scores alone favour sentences that repeat
         # the question's words), nudged by how close its best sentence comes to the question, so that
         # a specific section ("Change 3: lowering the learning rate to 1e-5") can beat a summary that
         # names everything in passing. The window inside it starts at its best-scoring sentence.
         best_cosine: dict[int, float] = {}
-        for (pi, _si, _s), c in zip(cands, cos.tolist(), strict=True):
+        for (pi, _si, s), c in zip(cands, cos.tolist(), strict=True):
+            c -= SHOWN_PENALTY if shown and _said(s) in shown else 0.0
             best_cosine[pi] = max(c, best_cosine.get(pi, -np.inf))
         bp = self._choose_passage(hits, best_cosine)
         own = [i for i, c in enumerate(cands) if c[0] == bp]

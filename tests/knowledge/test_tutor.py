@@ -449,6 +449,18 @@ def test_a_follow_up_typed_without_apostrophes_still_follows(tutor, spelling):
     assert "A Dense layer with 64 units" in why.text and not re.search(r"[.!?] [a-z]", why.text)
 
 
+def test_a_follow_up_is_not_answered_with_the_tutors_previous_answer_again(tutor):
+    first = tutor.answer("best way to turn a general language model into a medical chatbot?")
+    history = [Turn("user", "best way to turn a general language model into a medical chatbot?"),
+               Turn("assistant", first.text)]
+    follow = tutor.answer("why not just pre-train it again on medical texts first?", history=history)
+    assert follow.answered and follow.text != first.text
+    assert "unnecessary, redundant and expensive" in follow.text
+    # without the previous answer in the conversation, the follow-up gets the same answer as the question
+    assert tutor.answer("why not just pre-train it again on medical texts first?",
+                        history=history[:1]).text == first.text
+
+
 @pytest.mark.parametrize("message", ["who won the world cup?", "what's the capital of France?",
                                      "write me a poem about my cat", "which crypto should i buy this week",
                                      "how do convolutional layers work in a CNN?",
