@@ -135,6 +135,8 @@ _ABOUT_THE_TUTOR = re.compile(
     re.IGNORECASE,
 )
 _EMPHASIS = re.compile(r"\*\*[^*\n]+\*\*|(?<![\w*])\*[^*\n]+\*(?![\w*])|(?<!\w)__[^_\n]+__(?!\w)|`[^`\n]+`")
+# A lesson's numbered parts ("Step 7: Adapters ...", "Worked example 3: ...", "Pitfall 2: ...").
+_NUMBERED_HEADING = re.compile(r"^([a-z][a-z ]{0,30}?)\s+(\d{1,2})\s*:")
 _HEDGED = re.compile(r"\b(some (people )?(believe|think|assume)|misconception|myth|wrong approach|it is a mistake)\b", re.I)
 # Exercise scaffolding is not an answer ("Question (easy): ...", "Option B: ..."); a worked example's
 # "Answer: ..." and "Reasoning: ..." lines are the answer and its explanation.
@@ -215,6 +217,7 @@ class Tutor:
         self.max_new_tokens = max_new_tokens
         self._swap_lock = threading.Lock()
         self._vocab_cache: tuple[object, frozenset[str], frozenset[str]] | None = None
+        self._numbered_cache: tuple[object, dict[str, dict[int, list[int]]]] | None = None
         self._vectors = VectorCache()  # the passages' sentences (and questions) embedded once
         # False: every message is read as a question (the benchmark's baseline)
         self._small_talk = SmallTalkDetector() if small_talk else None
@@ -259,7 +262,7 @@ class Tutor:
         talk = self._detect_small_talk(text, retriever)
         if talk is not None and talk.intent != "offtopic":
             return done(text=reply(talk.intent, self.help_text()), answered=False, confidence=0.0, mode="smalltalk")
-        query, hits, relevant = ([], [], []) if talk is not None else self._retrieve(text, history, retriever)
+        query, hits, relevant, named = ([], [], [], []) if talk is not None else self._retrieve(text, history, retriever)
         if not relevant:
             return done(
                 text=f"Sorry, the course doesn't cover that. {self.help_text()}",
@@ -286,7 +289,7 @@ class Tutor:
         # for in the experiment" ranks Change 4 (up to 20 epochs) first at cosine 0.29, below the rule.
         last = next((t.content for t in reversed(history) if t.role == "assistant"), "")
         shown = frozenset(_said(x) for x in sentences(last))
-        extracted, quoted = self._extract(query, hits, retriever, shown)
+        extracted, quoted = self._extract(query, hits, retriever, shown, named)
         # the passages quoted come first among the sources (one may rank below the top three)
         cited = [hits[i] for i in quoted] + [h for i, h in enumerate(hits) if i not in quoted]
         return done(text=extracted, answered=True, confidence=confidence, sources=self._sources(cited),
@@ -297,13 +300,16 @@ class Tutor:
         cleaning, aliases, retrieval and relevance rule as ``answer``. A question the tutor would
         decline still gets the top passages (fine-tuning data wants a context for every example)."""
         text, _ = clean_question(question, self.max_question_chars)
-        _query, hits, relevant = self._retrieve(text, (), self.retriever)
+        _query, hits, relevant, _named = self._retrieve(text, (), self.retriever)
         return self._passages(relevant or hits)
 
     # --- steps ----------------------------------------------------------------------------------
-    def _retrieve(self, text: str, history: Sequence[Turn], retriever: Retriever) -> tuple[str, list[Hit], list[Hit]]:
+    def _retrieve(
+        self, text: str, history: Sequence[Turn], retriever: Retriever,
+    ) -> tuple[str, list[Hit], list[Hit], list[int]]:
         """The query (the message, read with the conversation when it is a follow-up, aliases
-        spelled out), its hits, and the hits that show the course covers it."""
+        spelled out), its hits, the hits that show the course covers it, and the index rows of the
+        numbered parts the message names ("step 7"), which lead both."""
         aliases = self.course.meta.aliases
         text = standard_spelling(text)  # "thats" is a pronoun and "tho" no foreign word to the rules below
         plain = course_reading(text, aliases)
@@ -327,7 +333,57 @@ class Tutor:
             # waters its question down too, being all pronoun and no topic.)
             if joined_relevant and not self._dilutes(previous, joined_relevant, retriever):
                 query, hits, relevant = joined, joined_hits, joined_relevant
-        return query, hits, relevant
+        named = self._named_parts(plain, retriever)
+        if named:
+            # "what does pitfall 2 say", "whats in step 7": a student naming a numbered part of a lesson
+            # means that part, whatever MiniLM makes of the rest of the words.
+            found = {h.row: h for h in retriever.search(query, len(retriever.index),
+                                                        query_vector=self._vectors.encode(retriever.embedder, [query]))}
+            first = [found[r] for r in named if r in found]
+            hits = first + [h for h in hits if h.row not in named]
+            relevant = first + [h for h in relevant if h.row not in named]
+        return query, hits, relevant, named
+
+    def _named_parts(self, text: str, retriever: Retriever) -> list[int]:
+        """Index rows of the passages under the numbered headings the message names ("step 7",
+        "pitfall #2", "worked example 3"); none when the message brings more than one word the course
+        never uses, or the number counts something the course never names ("change 3 tires").
+        Ordinals are not read: "the first step to learn guitar" names no step of the course."""
+        labels = self._numbered_headings(retriever)
+        if not labels:
+            return []
+        low = text.lower()
+        vocab = self._vocabulary(retriever)
+        wanted: set[tuple[str, int]] = set()
+        for label in labels:
+            for m in re.finditer(rf"\b{re.escape(label)}s?\s*(?:#|no\.?|number)?\s*(\d{{1,2}})\b(?:\s+([a-z]+))?", low):
+                # "change 3 tires", "change 2 lightbulbs": a number of things the course never names
+                if m.group(2) and not set(keyword_tokens(m.group(2))) <= vocab:
+                    continue
+                wanted.add((label, int(m.group(1))))
+        if not wanted or not self._may_follow(text, retriever):
+            return []
+        return list(dict.fromkeys(row for key in sorted(wanted) for row in labels[key[0]].get(key[1], [])))
+
+    def _numbered_headings(self, retriever: Retriever) -> dict[str, dict[int, list[int]]]:
+        """label -> number -> index rows, from headings such as "Step 7: ...", "Worked example 3: ..."
+        (a part's subsections count as the part; "Worked example 3" is also "example 3")."""
+        index = retriever.index
+        cached = self._numbered_cache
+        if cached is not None and cached[0] is index:
+            return cached[1]
+        out: dict[str, dict[int, list[int]]] = {}
+        for row, c in enumerate(index.chunks):
+            for heading in c.section.split(" > "):
+                m = _NUMBERED_HEADING.match(heading.lower())
+                if m:
+                    label = " ".join(m.group(1).split())
+                    for name in {label, label.rsplit(" ", 1)[-1]}:
+                        rows = out.setdefault(name, {}).setdefault(int(m.group(2)), [])
+                        if row not in rows:
+                            rows.append(row)
+        self._numbered_cache = (index, out)
+        return out
 
     def _search(self, query: str, retriever: Retriever) -> list[Hit]:
         """The retriever's top hits, the query embedded through the tutor's cache (the extractor
@@ -437,11 +493,13 @@ class Tutor:
 
     def _extract(
         self, query: str, hits: list[Hit], retriever: Retriever, shown: frozenset[str] = frozenset(),
+        named: Sequence[int] = (),
     ) -> tuple[str, list[int]]:
         """The best sentences of the top passages, in reading order: cosine to the question plus
         keyword overlap, from the passage of the top lesson that answers best; and the positions in
         ``hits`` of the passages quoted, in the order the answer quotes them. Sentences in ``shown``
-        (the tutor's previous answer in this conversation) count for less."""
+        (the tutor's previous answer in this conversation) count for less; a numbered part the
+        question names (``named``, index rows) is the one answered from."""
         cands: list[tuple[int, int, str]] = []
         for pi, h in enumerate(hits[:EXTRACT_PASSAGES]):
             if pi >= GEN_PASSAGES and h.source != hits[0].source:
@@ -471,7 +529,7 @@ class Tutor:
         for (pi, _si, s), c in zip(cands, cos.tolist(), strict=True):
             c -= SHOWN_PENALTY if shown and _said(s) in shown else 0.0
             best_cosine[pi] = max(c, best_cosine.get(pi, -np.inf))
-        bp = self._choose_passage(hits, best_cosine)
+        bp = self._choose_passage(hits, best_cosine, named)
         own = [i for i, c in enumerate(cands) if c[0] == bp]
         best = max(own, key=lambda i: scores[i])
         # A short passage is a written unit (a section that states its point and its detail): it is
@@ -508,16 +566,17 @@ class Tutor:
                 extra += 1
                 quoted.append(other)
         if lead:
-            parts = [f"{lead}.", *parts[: MAX_ANSWER_SENTENCES - 1]]
+            parts = [lead if lead.endswith(("?", "!")) else f"{lead}.", *parts[: MAX_ANSWER_SENTENCES - 1]]
             quoted = [pi for pi in quoted if pi == bp or any(c[0] == pi and c[2] in parts for c in cands)]
         return _sentence_case(" ".join(parts)), quoted
 
     @staticmethod
-    def _choose_passage(hits: list[Hit], best_cosine: dict[int, float]) -> int:
+    def _choose_passage(hits: list[Hit], best_cosine: dict[int, float], named: Sequence[int] = ()) -> int:
         """The passage to answer from (an index into ``hits``), given the cosine of each candidate's best
-        sentence to the question. Any lesson's passage may answer; a FAQ answers from its top record."""
+        sentence to the question. Any lesson's passage may answer; a FAQ answers from its top record;
+        a numbered part the question names answers first."""
         top_score = hits[0].score if hits[0].score > 0 else 1.0
-        pool = list(best_cosine)
+        pool = [pi for pi in best_cosine if hits[pi].row in named] or list(best_cosine)
         if hits[0].chunk.kind != "lesson":
             pool = [pi for pi in pool if hits[pi].source == hits[0].source] or pool
         return max(pool, key=lambda pi: hits[pi].score / top_score + PASSAGE_SENTENCE_WEIGHT * best_cosine[pi])
