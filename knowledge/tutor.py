@@ -542,14 +542,16 @@ class Tutor:
             start = max(0, min(pos, len(own) - EXTRACT_SENTENCES))
             window = own[start:start + EXTRACT_SENTENCES]
         heading = hits[bp].chunk.section.rsplit(" > ", 1)[-1]
-        lead = heading.rstrip(".") if re.search(r"\d", heading) else ""  # "Results: 90% ..." carries the numbers
+        # "Results: 90% training accuracy ..." carries the numbers; "Step 4: ..." only its place
+        lead = heading.rstrip(".") if re.search(r"\d", _NUMBERED_HEADING.sub("", heading.lower(), count=1)) else ""
         parts: list[str] = []
         for i in window:
             if parts and len(" ".join(parts)) + len(cands[i][2]) > EXTRACT_MAX_CHARS:
                 break
             parts.append(cands[i][2])
-        if lead and lead.lower() in " ".join(parts).lower():
-            lead = ""
+        said = " ".join(parts)
+        if lead and (lead.lower() in said.lower() or set(re.findall(r"\d+(?:\.\d+)?%?", lead)) <= set(re.findall(r"\d+(?:\.\d+)?%?", said))):
+            lead = ""  # the heading says nothing the answer does not (its numbers are there already)
         # A second passage often holds the other half of the answer ("how did they fix it?" spans
         # several sections): add its best sentence when it scores close to the best one, while the
         # answer stays within MAX_ANSWER_SENTENCES.

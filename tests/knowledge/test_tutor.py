@@ -456,9 +456,9 @@ def test_a_follow_up_is_not_answered_with_the_tutors_previous_answer_again(tutor
     follow = tutor.answer("why not just pre-train it again on medical texts first?", history=history)
     assert follow.answered and follow.text != first.text
     assert "unnecessary, redundant and expensive" in follow.text
-    # without the previous answer in the conversation, the follow-up gets the same answer as the question
-    assert tutor.answer("why not just pre-train it again on medical texts first?",
-                        history=history[:1]).text == first.text
+    # without the tutor's previous answer in the conversation, the follow-up is answered as the question was
+    alone = tutor.answer("why not just pre-train it again on medical texts first?", history=history[:1])
+    assert alone.text.startswith(first.text[:100]) and "unnecessary, redundant" not in alone.text
 
 
 @pytest.mark.parametrize("message", ["who won the world cup?", "what's the capital of France?",
@@ -552,9 +552,24 @@ def test_a_number_of_things_is_no_numbered_part(ask, message):
     assert_declined(ask(message), why="doesn't cover")
 
 
-def test_a_heading_that_ends_in_a_question_mark_leads_without_a_full_stop(ask):
-    a = ask("in worked example 3 (the load / train / predict one), which line is the actual fine tuning?")
-    assert a.text.startswith("Worked example 3: what does this fine-tuning code print? ") and "?." not in a.text
+def test_a_heading_with_numbers_leads_the_answer_unless_they_are_said_already(tmp_path):
+    from tests.conftest import write_course
+
+    root = write_course(tmp_path / "c", {
+        "course.yaml": "id: lead\ntitle: Leads\n",
+        "lessons/01.md": "## Results: did we reach 85% on validation?\n\nThe model was retrained with dropout and a "
+                         "lower learning rate. Validation accuracy then rose a lot, well past the goal.\n\n"
+                         "## Step 2: the numbers again\n\nTraining accuracy was 90% and validation accuracy was "
+                         "87%, so the gap had almost closed.\n",
+    })
+    c = load_course(root)
+    emb = shared_minilm()
+    t = Tutor(c, Retriever(build_index(c, tmp_path / "idx", emb), emb), None, mode="extractive")
+    a = t.answer("did the retrained model reach 85% validation accuracy?")
+    # the heading carries the number the passage does not say; ending in "?", it takes no full stop
+    assert a.text.startswith("Results: did we reach 85% on validation? The model was retrained") and "?." not in a.text
+    b = t.answer("what were the training and validation accuracy numbers in step 2?")
+    assert b.text.startswith("Training accuracy was 90%")  # "Step 2" is only the part's place
 
 
 def test_a_worked_example_answers_with_its_reasoning_not_its_question(ask):
