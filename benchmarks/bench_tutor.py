@@ -36,10 +36,11 @@ QUESTIONS = ROOT / "benchmarks" / "data" / "tutor_questions.yaml"
 # A second, blind set written after the tutor's rules were tuned on the first (the one to tune on
 # from now on: the first stays the one reported against the targets).
 DEV_QUESTIONS = ROOT / "benchmarks" / "data" / "tutor_questions_dev.yaml"
-# Written blind on 2026-12-07 (see each file's header): A was then looked at while changing the tutor,
-# B was first scored after those changes and is the one that says how the tutor does on new questions.
+# Written blind on 2026-12-07 (see each file's header): A and then B were looked at while changing the
+# tutor; C was scored once, after every change of that day, and says how the tutor does on new questions.
 BLIND_SETS = {"blind A": ROOT / "benchmarks" / "data" / "tutor_questions_blind_a.yaml",
-              "blind B": ROOT / "benchmarks" / "data" / "tutor_questions_blind_b.yaml"}
+              "blind B": ROOT / "benchmarks" / "data" / "tutor_questions_blind_b.yaml",
+              "blind C": ROOT / "benchmarks" / "data" / "tutor_questions_blind_c.yaml"}
 SMALL_TALK = ROOT / "benchmarks" / "data" / "tutor_smalltalk.yaml"
 PUBLISHED_COSINE = [("GPT-4o", 0.679), ("GPT-4o-mini", 0.680), ("GPT-3.5", 0.658)]
 
@@ -262,10 +263,11 @@ def main() -> None:
         + (f" Rows marked \"dev set\": the development set ({len(sets['dev']['questions'])} questions, "
            f"{len(sets['dev']['offtopic'])} off-topic messages, benchmarks/data/tutor_questions_dev.yaml), "
            "written after the rules were tuned on the first set, and tuned on since." if "dev" in sets else "")
-        + (" Rows marked \"blind A\" and \"blind B\": two sets of 40 questions and 10 off-topic messages written on "
-           "2026-12-07 by writers who saw no tutor answer (benchmarks/data/tutor_questions_blind_*.yaml); A's misses "
-           "were then looked at while the tutor was changed, B was first scored after those changes: **blind B is "
-           "the measure of how the tutor does on questions nobody tuned it for**." if "blind B" in sets else ""),
+        + (" Rows marked \"blind A/B/C\": three sets of 40 questions and 10 off-topic messages written on "
+           "2026-12-07 by writers who saw no tutor answer (benchmarks/data/tutor_questions_blind_*.yaml); A's and then "
+           "B's misses were looked at while the tutor was changed that day, C was scored once, after every change: "
+           "**blind C is the measure of how the tutor does on questions nobody tuned it for** (until its misses are "
+           "looked at; then write another)." if "blind C" in sets else ""),
         "",
         stamp(),
         "",

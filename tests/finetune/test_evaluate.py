@@ -103,7 +103,7 @@ def test_question_set_scores_facts_and_abstention(tmp_path):
 
 
 QUESTION_SETS = ("tutor_questions.yaml", "tutor_questions_dev.yaml", "tutor_questions_blind_a.yaml",
-                 "tutor_questions_blind_b.yaml")
+                 "tutor_questions_blind_b.yaml", "tutor_questions_blind_c.yaml")
 
 
 def _question_set(name):
