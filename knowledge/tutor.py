@@ -512,23 +512,21 @@ class Tutor:
         vecs = self._vectors.encode(retriever.embedder, [query] + [c[2] for c in cands])
         cos = vecs[1:] @ vecs[0]
         qtok = set(keyword_tokens(query))
+        said_before = [SHOWN_PENALTY if shown and _said(s) in shown else 0.0 for _pi, _si, s in cands]
         scores = []
-        for (pi, _si, s), c in zip(cands, cos.tolist(), strict=True):
+        for (pi, _si, s), c, again in zip(cands, cos.tolist(), said_before, strict=True):
             overlap = len(qtok & set(keyword_tokens(s))) / max(len(qtok), 1)
             # never state a misconception as the answer, nor echo exercise scaffolding
             penalty = 0.3 if _HEDGED.search(s) else 0.0
             penalty += 0.3 if _SCAFFOLD.match(s) else 0.0
-            if shown and _said(s) in shown:
-                penalty += SHOWN_PENALTY
-            scores.append(c + 0.3 * overlap - 0.05 * pi - penalty)
+            scores.append(c + 0.3 * overlap - 0.05 * pi - penalty - again)
         # The passage: mostly retrieval's order (sentence scores alone favour sentences that repeat
         # the question's words), nudged by how close its best sentence comes to the question, so that
         # a specific section ("Change 3: lowering the learning rate to 1e-5") can beat a summary that
         # names everything in passing. The window inside it starts at its best-scoring sentence.
         best_cosine: dict[int, float] = {}
-        for (pi, _si, s), c in zip(cands, cos.tolist(), strict=True):
-            c -= SHOWN_PENALTY if shown and _said(s) in shown else 0.0
-            best_cosine[pi] = max(c, best_cosine.get(pi, -np.inf))
+        for (pi, _si, _s), c, again in zip(cands, cos.tolist(), said_before, strict=True):
+            best_cosine[pi] = max(c - again, best_cosine.get(pi, -np.inf))
         bp = self._choose_passage(hits, best_cosine, named)
         own = [i for i, c in enumerate(cands) if c[0] == bp]
         best = max(own, key=lambda i: scores[i])
