@@ -552,19 +552,23 @@ def test_a_number_of_things_is_no_numbered_part(ask, message):
     assert_declined(ask(message), why="doesn't cover")
 
 
-def test_a_heading_with_numbers_leads_the_answer_unless_they_are_said_already(tmp_path):
+def tutor_for(tmp_path, files: dict[str, str]) -> Tutor:
+    """An extractive tutor over a small course written for the test."""
     from tests.conftest import write_course
 
-    root = write_course(tmp_path / "c", {
+    c = load_course(write_course(tmp_path / "course", files))
+    emb = shared_minilm()
+    return Tutor(c, Retriever(build_index(c, tmp_path / "idx", emb), emb), None, mode="extractive")
+
+
+def test_a_heading_with_numbers_leads_the_answer_unless_they_are_said_already(tmp_path):
+    t = tutor_for(tmp_path, {
         "course.yaml": "id: lead\ntitle: Leads\n",
         "lessons/01.md": "## Results: did we reach 85% on validation?\n\nThe model was retrained with dropout and a "
                          "lower learning rate. Validation accuracy then rose a lot, well past the goal.\n\n"
                          "## Step 2: the numbers again\n\nTraining accuracy was 90% and validation accuracy was "
                          "87%, so the gap had almost closed.\n",
     })
-    c = load_course(root)
-    emb = shared_minilm()
-    t = Tutor(c, Retriever(build_index(c, tmp_path / "idx", emb), emb), None, mode="extractive")
     a = t.answer("did the retrained model reach 85% validation accuracy?")
     # the heading carries the number the passage does not say; ending in "?", it takes no full stop
     assert a.text.startswith("Results: did we reach 85% on validation? The model was retrained") and "?." not in a.text
@@ -749,18 +753,13 @@ def test_an_answer_does_not_say_the_same_thing_twice(ask):
 
 
 def test_faq_records_are_cited_as_faq(tmp_path):
-    from tests.conftest import write_course
-
-    root = write_course(tmp_path / "faq-course", {
+    t = tutor_for(tmp_path, {
         "course.yaml": "id: faq-course\ntitle: A FAQ Course\ndescription: only questions\n",
         "faq/general.jsonl": '{"id": "join-late", "section": "General", "question": "Can I join the course late?", '
                              '"answer": "Yes, you can join the course at any time and still submit the homework."}\n'
                              '{"id": "certificate", "section": "General", "question": "Do I get a certificate?", '
                              '"answer": "Yes, after passing the final project you receive a certificate."}\n',
     })
-    c = load_course(root)
-    emb = shared_minilm()
-    t = Tutor(c, Retriever(build_index(c, tmp_path / "idx", emb), emb), None, mode="extractive")
     a = t.answer("can i still join the course late?")
     assert a.answered and a.sources[0].source == "join-late"
     assert a.sources[0].label == "FAQ > General"
