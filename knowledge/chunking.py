@@ -15,10 +15,9 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from knowledge.course import Course, Document, FaqRecord
+from knowledge.course import FENCE_RE, Course, Document, FaqRecord
 
 HEADING_RE = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$")
-FENCE_RE = re.compile(r"^\s*(```|~~~)")
 SENTENCE_RE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 DEFAULT_MAX_TOKENS = 256
 EMBED_OVERHEAD_TOKENS = 8  # [CLS], [SEP] and slack for the title/section line separators

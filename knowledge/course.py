@@ -348,14 +348,14 @@ def _load_lesson(root: Path, path: Path, problems: list[str], warnings: list[str
 
 _COMMENT_OPEN = "<!--"
 _COMMENT_CLOSE = "-->"
-_FENCE_LINE = re.compile(r"^\s*(```|~~~)")
+FENCE_RE = re.compile(r"^\s*(```|~~~)")  # a line that opens or closes a fenced code block
 
 
 def _fenced_lines(text: str) -> list[bool]:
     """Per line: inside a fenced code block (the fence lines included)."""
     out, inside = [], False
     for line in text.split("\n"):
-        fence = bool(_FENCE_LINE.match(line))
+        fence = bool(FENCE_RE.match(line))
         out.append(inside or fence)
         if fence:
             inside = not inside
